@@ -1,0 +1,234 @@
+"""Cost model of one transformer layer, forward + backward, on each rank of a CP group.
+
+Per rank r (all times in milliseconds)::
+
+    total_r    = linear_r + attention_r + exposed_r
+    linear_r   = tokens_r * linear_ms_per_token
+    attention_r= sum over segments (overhead + 4*pairs*heads*head_dim / (tflops*eff(q_len))) * (1 + attn_bwd_ratio)
+    comm_r     = forward (receive KV) + backward (receive dK/dV), per link class
+                 (intra-node / inter-node): latency if any bytes + bytes / bandwidth
+    exposed_r  = max(0, comm_r - overlap_fraction * local_attention_r)
+
+``local_attention_r`` is the attention of segments whose keys are all owned by
+r (Whole-Doc documents, the head chunk of a split one): it can run while the
+KV of split documents is in flight. The same evaluator scores every strategy.
+
+Constants and their sources live in :mod:`flashcp_planner.presets`.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from flashcp_planner.errors import InvalidRequest
+from flashcp_planner.model import KVTransfer, RankCost, Segment
+
+__all__ = ["CostModel", "rank_costs", "lower_bound_ms"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CostModel:
+    """Every constant of the cost model; see the module docstring for the formulas."""
+
+    name: str = "custom"
+    """Preset or file name; recorded in every plan."""
+
+    hidden_size: int = 4096
+    """Model hidden dimension."""
+    ffn_hidden_size: int = 14336
+    """MLP intermediate dimension (gated MLP: three GEMMs of hidden x ffn)."""
+    num_heads: int = 32
+    """Query heads (per tensor-parallel rank, if TP is used)."""
+    num_kv_heads: int = 8
+    """Key/value heads (grouped-query attention)."""
+    head_dim: int = 128
+    """Dimension of one head."""
+    bytes_per_element: int = 2
+    """Bytes per activation element on the wire (2 for bf16)."""
+
+    gemm_tflops: float = 600.0
+    """Achieved dense GEMM throughput of the linear layers, TFLOP/s."""
+    attention_tflops: float = 500.0
+    """Attention forward throughput at full kernel efficiency, TFLOP/s."""
+    attention_efficiency: tuple[tuple[int, float], ...] = ((128, 0.1), (1024, 0.45), (4096, 0.8), (16384, 1.0))
+    """Kernel efficiency curve: ``(query_tokens, fraction of attention_tflops)`` points,
+    interpolated linearly in log2(query_tokens) and clamped at both ends."""
+    attention_segment_overhead_ms: float = 0.002
+    """Fixed forward cost per segment (tile quantisation, varlen bookkeeping)."""
+    linear_backward_ratio: float = 2.0
+    """Backward / forward time of the linear layers."""
+    attention_backward_ratio: float = 2.5
+    """Backward / forward time of attention."""
+
+    gpus_per_node: int = 8
+    """Ranks per node: ranks r and s share a node iff r // gpus_per_node == s // gpus_per_node."""
+    intra_node_gbps: float = 300.0
+    """Achieved per-GPU receive bandwidth inside a node (NVLink), GB/s."""
+    inter_node_gbps: float = 45.0
+    """Achieved per-GPU receive bandwidth across nodes (InfiniBand), GB/s."""
+    intra_node_latency_ms: float = 0.03
+    """Latency of one intra-node exchange (one per phase when any bytes move)."""
+    inter_node_latency_ms: float = 0.06
+    """Latency of one inter-node exchange (one per phase when any bytes move)."""
+    overlap_fraction: float = 1.0
+    """Fraction of local attention time that can hide communication (0 = no overlap)."""
+
+    _eff_log_q: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _eff_val: tuple[float, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                     "bytes_per_element", "gpus_per_node"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"cost_model.{name}", f"must be a positive integer, got {value!r}")
+        for name in ("gemm_tflops", "attention_tflops", "intra_node_gbps", "inter_node_gbps"):
+            _check_float(name, getattr(self, name), positive=True)
+        for name in ("attention_segment_overhead_ms", "linear_backward_ratio", "attention_backward_ratio",
+                     "intra_node_latency_ms", "inter_node_latency_ms", "overlap_fraction"):
+            _check_float(name, getattr(self, name), positive=False)
+        if self.overlap_fraction > 1.0:
+            raise InvalidRequest("cost_model.overlap_fraction", f"must be in [0, 1], got {self.overlap_fraction}")
+        if self.num_heads % self.num_kv_heads:
+            raise InvalidRequest("cost_model.num_kv_heads", "must divide num_heads")
+        points = self.attention_efficiency
+        if not isinstance(points, (tuple, list)) or not points:
+            raise InvalidRequest("cost_model.attention_efficiency", "must be a non-empty list of [query_tokens, efficiency]")
+        log_q, vals = [], []
+        for i, point in enumerate(points):
+            if not isinstance(point, (tuple, list)) or len(point) != 2:
+                raise InvalidRequest(f"cost_model.attention_efficiency[{i}]", "must be a pair [query_tokens, efficiency]")
+            q, eff = point
+            if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+                raise InvalidRequest(f"cost_model.attention_efficiency[{i}][0]", f"must be a positive integer, got {q!r}")
+            _check_float(f"attention_efficiency[{i}][1]", eff, positive=True)
+            if eff > 1.0:
+                raise InvalidRequest(f"cost_model.attention_efficiency[{i}][1]", f"must be in (0, 1], got {eff}")
+            if log_q and math.log2(q) <= log_q[-1]:
+                raise InvalidRequest(f"cost_model.attention_efficiency[{i}][0]", "query_tokens must be strictly increasing")
+            log_q.append(math.log2(q))
+            vals.append(float(eff))
+        object.__setattr__(self, "attention_efficiency", tuple((int(q), float(e)) for q, e in points))
+        object.__setattr__(self, "_eff_log_q", tuple(log_q))
+        object.__setattr__(self, "_eff_val", tuple(vals))
+
+    # -- derived constants -------------------------------------------------
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token, one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_element
+
+    @property
+    def linear_ms_per_token(self) -> float:
+        """Forward + backward GEMM time of one token through one layer."""
+        q_dim = self.num_heads * self.head_dim
+        kv_dim = self.num_kv_heads * self.head_dim
+        macs = self.hidden_size * (q_dim + 2 * kv_dim) + q_dim * self.hidden_size + 3 * self.hidden_size * self.ffn_hidden_size
+        return 2.0 * macs * (1.0 + self.linear_backward_ratio) / (self.gemm_tflops * 1e9)
+
+    def efficiency(self, query_tokens: int) -> float:
+        """Kernel efficiency of one segment of ``query_tokens`` queries."""
+        x = math.log2(max(query_tokens, 1))
+        lq, ev = self._eff_log_q, self._eff_val
+        if x <= lq[0]:
+            return ev[0]
+        if x >= lq[-1]:
+            return ev[-1]
+        i = bisect_right(lq, x)
+        t = (x - lq[i - 1]) / (lq[i] - lq[i - 1])
+        return ev[i - 1] + t * (ev[i] - ev[i - 1])
+
+    def attention_ms(self, start: int, end: int) -> float:
+        """Forward + backward attention time of queries ``[start, end)`` of one document."""
+        pairs = (end * (end + 1) - start * (start + 1)) // 2
+        flops = 4.0 * pairs * self.num_heads * self.head_dim
+        fwd = self.attention_segment_overhead_ms + flops / (self.attention_tflops * 1e9 * self.efficiency(end - start))
+        return fwd * (1.0 + self.attention_backward_ratio)
+
+    def attention_ideal_ms(self, length: int) -> float:
+        """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""
+        flops = 4.0 * (length * (length + 1) // 2) * self.num_heads * self.head_dim
+        return flops * (1.0 + self.attention_backward_ratio) / (self.attention_tflops * 1e9 * max(self._eff_val))
+
+    def same_node(self, a: int, b: int) -> bool:
+        return a // self.gpus_per_node == b // self.gpus_per_node
+
+    def link_ms(self, intra_bytes: int, inter_bytes: int) -> float:
+        """Time of one phase moving these bytes into one rank."""
+        ms = 0.0
+        if intra_bytes:
+            ms += self.intra_node_latency_ms + intra_bytes / (self.intra_node_gbps * 1e6)
+        if inter_bytes:
+            ms += self.inter_node_latency_ms + inter_bytes / (self.inter_node_gbps * 1e6)
+        return ms
+
+
+def _check_float(name: str, value: object, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"cost_model.{name}", f"must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise InvalidRequest(f"cost_model.{name}", f"must be {'> 0' if positive else '>= 0'}, got {value}")
+
+
+def rank_costs(
+    rank_segments: Sequence[Sequence[Segment]],
+    transfers: Sequence[KVTransfer],
+    cost_model: CostModel,
+) -> tuple[RankCost, ...]:
+    """Score every rank of a layout. ``transfers`` must be the full forward list (all modes)."""
+    n = len(rank_segments)
+    kv = cost_model.kv_bytes_per_token
+    recv = [[0, 0] for _ in range(n)]  # [intra, inter] bytes received in forward
+    send = [[0, 0] for _ in range(n)]  # [intra, inter] bytes sent in forward = received in backward
+    for t in transfers:
+        link = 0 if cost_model.same_node(t.src, t.dst) else 1
+        nbytes = t.num_tokens * kv
+        recv[t.dst][link] += nbytes
+        send[t.src][link] += nbytes
+
+    owned_prefix: list[dict[int, int]] = []
+    for segments in rank_segments:
+        # Keys [0, end) of a segment are local iff the rank owns [0, end) contiguously.
+        prefix: dict[int, int] = {}
+        for seg in segments:  # local order is (doc, start), so a prefix grows in order
+            if seg.start == prefix.get(seg.doc, 0):
+                prefix[seg.doc] = seg.end
+        owned_prefix.append(prefix)
+
+    costs = []
+    for r, segments in enumerate(rank_segments):
+        tokens = 0
+        attention = 0.0
+        local_attention = 0.0
+        prefix = owned_prefix[r]
+        for seg in segments:
+            tokens += seg.end - seg.start
+            ms = cost_model.attention_ms(seg.start, seg.end)
+            attention += ms
+            if seg.end <= prefix.get(seg.doc, 0):
+                local_attention += ms
+        comm = cost_model.link_ms(recv[r][0], recv[r][1]) + cost_model.link_ms(send[r][0], send[r][1])
+        exposed = max(0.0, comm - cost_model.overlap_fraction * local_attention)
+        costs.append(
+            RankCost(
+                tokens=tokens,
+                linear_ms=tokens * cost_model.linear_ms_per_token,
+                attention_ms=attention,
+                comm_ms=comm,
+                exposed_comm_ms=exposed,
+                recv_bytes=recv[r][0] + recv[r][1],
+                send_bytes=send[r][0] + send[r][1],
+            )
+        )
+    return tuple(costs)
+
+
+def lower_bound_ms(doc_lengths: Sequence[int], cp_size: int, cost_model: CostModel) -> float:
+    """Perfect balance, full kernel efficiency, no exposed communication."""
+    attention = sum(cost_model.attention_ideal_ms(length) for length in doc_lengths)
+    linear = sum(doc_lengths) * cost_model.linear_ms_per_token
+    return (attention + linear) / cp_size

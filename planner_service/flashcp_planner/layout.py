@@ -1,0 +1,106 @@
+"""Layouts (who owns which tokens) and turning a layout into a scored, validated plan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flashcp_planner.comm import derive_transfers
+from flashcp_planner.cost import lower_bound_ms, rank_costs
+from flashcp_planner.model import (
+    CommMode,
+    DocSharding,
+    Optimality,
+    Plan,
+    RankPlan,
+    Segment,
+    ShardingKind,
+    segments_by_rank,
+)
+from flashcp_planner.request import PlanContext
+
+__all__ = ["Layout", "head_tail_segments", "sharding_of", "whole", "build_plan"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """What a strategy decides: the segments of every rank and each document's sharding."""
+
+    rank_segments: tuple[tuple[Segment, ...], ...]
+    """Per rank, its segments (any order; :func:`build_plan` sorts them)."""
+    documents: tuple[DocSharding, ...]
+    """One entry per document, in document order."""
+    optimality: Optimality | None = None
+
+
+def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tuple[int, Segment]]:
+    """Head-tail split of one document over ``ranks`` (k of them): 2k chunks.
+
+    Chunk sizes differ by at most one token, no padding. ``ranks[j]`` owns
+    chunk j and chunk 2k-1-j. The ``length % 2k`` leftover tokens go one each
+    to consecutive ranks starting at position ``doc % k`` (head chunks first,
+    then tail chunks), so leftovers rotate across documents instead of piling
+    up on one rank. Empty chunks are omitted. Returns ``(rank, segment)`` pairs
+    in document order.
+    """
+    k = len(ranks)
+    base, rem = divmod(length, 2 * k)
+    head = [base] * k
+    tail = [base] * k
+    for i in range(rem):
+        pos = (doc + i) % k
+        if i < k:
+            head[pos] += 1
+        else:
+            tail[pos] += 1
+    sizes = head + tail[::-1]
+    owners = list(ranks) + list(ranks)[::-1]
+    out: list[tuple[int, Segment]] = []
+    start = 0
+    for size, rank in zip(sizes, owners, strict=True):
+        if size:
+            out.append((rank, Segment(doc=doc, start=start, end=start + size)))
+            start += size
+    return out
+
+
+def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode) -> Plan:
+    """Derive transfers and costs of ``layout`` and return the validated plan."""
+    from flashcp_planner.validation import validate_plan
+
+    rank_segments = segments_by_rank(layout.rank_segments)
+    all_transfers = derive_transfers(rank_segments, comm)
+    costs = rank_costs(rank_segments, all_transfers, ctx.cost_model)
+    plan = Plan(
+        strategy=strategy,
+        cp_size=ctx.cp_size,
+        doc_lengths=ctx.doc_lengths,
+        capacity=ctx.capacity,
+        comm=comm,
+        cost_model=ctx.cost_model.name,
+        ranks=tuple(RankPlan(rank=r, segments=segs, cost=c) for r, (segs, c) in enumerate(zip(rank_segments, costs))),
+        documents=layout.documents,
+        transfers=() if comm is CommMode.ALL_GATHER else all_transfers,
+        makespan_ms=max(c.total_ms for c in costs),
+        lower_bound_ms=lower_bound_ms(ctx.doc_lengths, ctx.cp_size, ctx.cost_model),
+        optimality=layout.optimality,
+    )
+    validate_plan(plan, check_transfers=False)
+    return plan
+
+
+def whole(doc: int, length: int, rank: int) -> tuple[Segment, DocSharding]:
+    """The segment and sharding record of a document kept whole on ``rank``."""
+    return Segment(doc=doc, start=0, end=length), DocSharding(doc=doc, kind=ShardingKind.WHOLE, ranks=(rank,))
+
+
+def sharding_of(
+    doc: int, group: Sequence[int], pieces: Sequence[tuple[int, Segment]], kind: ShardingKind
+) -> DocSharding:
+    """Sharding record of a head-tail split: ``group`` filtered to ranks that got tokens.
+
+    A document too short to reach two ranks is recorded as whole.
+    """
+    holders = {rank for rank, _ in pieces}
+    ranks = tuple(r for r in group if r in holders)
+    return DocSharding(doc=doc, kind=ShardingKind.WHOLE if len(ranks) == 1 else kind, ranks=ranks)

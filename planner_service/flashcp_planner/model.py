@@ -1,0 +1,349 @@
+"""Plan data model: segments, document shardings, KV transfers, per-rank costs.
+
+Vocabulary (see BACKGROUND.md section 2):
+
+* A *segment* ``(doc, start, end)`` is the query tokens ``[start, end)`` of one
+  document, owned by one rank. Its queries attend to keys ``[0, end)`` of the
+  same document (causal, document-masked).
+* A *plan* lists, for every rank, its segments in local order (sorted by
+  ``(doc, start)``), how every document is sharded, the KV ranges every rank
+  receives and the predicted per-rank cost of one layer, forward + backward.
+
+Every value here is a frozen dataclass so that plans can be shared between
+threads and processes, hashed and compared. ``Plan.to_dict`` gives the JSON
+form used by the CLI, the HTTP API and the client fingerprint.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flashcp_planner.errors import InvalidRequest
+
+__all__ = [
+    "PLAN_FORMAT_VERSION",
+    "CommMode",
+    "ShardingKind",
+    "Segment",
+    "DocSharding",
+    "KVTransfer",
+    "RankCost",
+    "RankPlan",
+    "Optimality",
+    "Plan",
+    "causal_pairs",
+]
+
+PLAN_FORMAT_VERSION = 1
+"""Bumped whenever the meaning of a plan's fields changes; checked by the client."""
+
+
+class CommMode(str, enum.Enum):
+    """How the KV of remote tokens reaches the ranks that read it."""
+
+    ALL_GATHER = "all_gather"
+    """Every rank receives the KV of every remote token, read or not (ring / all-gather)."""
+    SHARDING_AWARE = "sharding_aware"
+    """Only split documents move: every rank holding part of a document receives all of it."""
+    EXACT_NEED = "exact_need"
+    """Each rank receives exactly the remote KV tokens its queries read."""
+
+
+class ShardingKind(str, enum.Enum):
+    """How one document is spread over the ranks."""
+
+    WHOLE = "whole"
+    """All tokens on one rank; no KV traffic."""
+    PER_DOC = "per_doc"
+    """Head-tail over all N ranks: 2N chunks, rank r owns chunks r and 2N-1-r."""
+    SUB_GROUP = "sub_group"
+    """Head-tail over a subset of 1 < k < N ranks."""
+    PACKED = "packed"
+    """Cut by a document-oblivious split of the packed sequence (baselines)."""
+
+
+def causal_pairs(start: int, end: int) -> int:
+    """Number of (query, key) pairs of queries ``[start, end)`` under a causal mask from key 0."""
+    return (end * (end + 1) - start * (start + 1)) // 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Segment:
+    """Query tokens ``[start, end)`` of document ``doc`` owned by one rank."""
+
+    doc: int
+    """Index of the document in packed order."""
+    start: int
+    """First query token, 0-based within the document."""
+    end: int
+    """One past the last query token; the segment reads keys ``[0, end)``."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def pairs(self) -> int:
+        """Causal (query, key) pairs of this segment."""
+        return causal_pairs(self.start, self.end)
+
+    def as_list(self) -> list[int]:
+        return [self.doc, self.start, self.end]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DocSharding:
+    """How one document is sharded and over which ranks."""
+
+    doc: int
+    """Index of the document in packed order."""
+    kind: ShardingKind
+    """Whole, per-doc, sub-group or packed (baselines)."""
+    ranks: tuple[int, ...]
+    """Ranks owning tokens of the document: one rank for whole, the head-tail
+    group in chunk order for per-doc/sub-group, sorted for packed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KVTransfer:
+    """KV of tokens ``[start, end)`` of ``doc`` sent from ``src`` to ``dst`` in forward.
+
+    Backward sends dK/dV of the same tokens from ``dst`` back to ``src``.
+    """
+
+    src: int
+    dst: int
+    doc: int
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankCost:
+    """Predicted cost of one transformer layer (forward + backward) on one rank."""
+
+    tokens: int
+    """Query tokens owned by the rank."""
+    linear_ms: float
+    """QKV/output projections and MLP GEMMs."""
+    attention_ms: float
+    """Attention kernels of all the rank's segments."""
+    comm_ms: float
+    """KV gather (forward) plus dK/dV return (backward), alpha-beta model."""
+    exposed_comm_ms: float
+    """Part of ``comm_ms`` not hidden behind attention that needs no remote KV."""
+    recv_bytes: int
+    """KV bytes received in forward (equal to dK/dV bytes sent in backward)."""
+    send_bytes: int
+    """KV bytes sent in forward (equal to dK/dV bytes received in backward)."""
+
+    @property
+    def total_ms(self) -> float:
+        return self.linear_ms + self.attention_ms + self.exposed_comm_ms
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankPlan:
+    """One rank's share of a plan."""
+
+    rank: int
+    segments: tuple[Segment, ...]
+    """Owned query segments in local order (sorted by ``(doc, start)``)."""
+    cost: RankCost
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.segments)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Optimality:
+    """Solver report attached to plans produced by an exact strategy."""
+
+    status: str
+    """``"optimal"`` or ``"feasible"`` (time limit reached before proof)."""
+    objective_ms: float
+    """Makespan of the returned plan under the cost model."""
+    bound_ms: float
+    """Best proven lower bound on the makespan found by the solver."""
+    heuristic_ms: float
+    """Makespan of the FlashCP heuristic on the same micro-batch."""
+    heuristic_gap: float
+    """``heuristic_ms / objective_ms - 1``."""
+    solve_time_s: float
+    """Wall-clock solver time (not part of the byte-identical plan guarantee)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A complete, validated sharding plan for one micro-batch."""
+
+    strategy: str
+    """Name of the strategy that produced the plan."""
+    cp_size: int
+    """Number of ranks N in the CP group."""
+    doc_lengths: tuple[int, ...]
+    """Document lengths in packed order."""
+    capacity: int
+    """Maximum tokens per rank the plan had to respect."""
+    comm: CommMode
+    """Communication mechanism the transfers were derived with."""
+    cost_model: str
+    """Name of the cost model the costs were predicted with."""
+    ranks: tuple[RankPlan, ...]
+    documents: tuple[DocSharding, ...]
+    transfers: tuple[KVTransfer, ...]
+    """Forward KV transfers, sorted by ``(dst, doc, start, src)``."""
+    makespan_ms: float
+    """``max(rank.cost.total_ms)``: predicted step time of one layer."""
+    lower_bound_ms: float
+    """Perfect balance, full kernel efficiency, no exposed communication."""
+    optimality: Optimality | None = None
+    """Filled by exact strategies only."""
+    version: int = field(default=PLAN_FORMAT_VERSION)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.doc_lengths)
+
+    def to_dict(self, *, include_timing: bool = True) -> dict[str, Any]:
+        """JSON-ready form. ``include_timing=False`` drops the solver wall time,
+        the only field that is not a pure function of the request."""
+        out: dict[str, Any] = {
+            "version": self.version,
+            "strategy": self.strategy,
+            "cp_size": self.cp_size,
+            "doc_lengths": list(self.doc_lengths),
+            "capacity": self.capacity,
+            "comm": self.comm.value,
+            "cost_model": self.cost_model,
+            "makespan_ms": self.makespan_ms,
+            "lower_bound_ms": self.lower_bound_ms,
+            "ranks": [
+                {
+                    "rank": rp.rank,
+                    "segments": [s.as_list() for s in rp.segments],
+                    "tokens": rp.cost.tokens,
+                    "linear_ms": rp.cost.linear_ms,
+                    "attention_ms": rp.cost.attention_ms,
+                    "comm_ms": rp.cost.comm_ms,
+                    "exposed_comm_ms": rp.cost.exposed_comm_ms,
+                    "total_ms": rp.cost.total_ms,
+                    "recv_bytes": rp.cost.recv_bytes,
+                    "send_bytes": rp.cost.send_bytes,
+                }
+                for rp in self.ranks
+            ],
+            "documents": [
+                {"doc": d.doc, "sharding": d.kind.value, "ranks": list(d.ranks)} for d in self.documents
+            ],
+            "transfers": [[t.src, t.dst, t.doc, t.start, t.end] for t in self.transfers],
+        }
+        if self.optimality is not None:
+            opt = {
+                "status": self.optimality.status,
+                "objective_ms": self.optimality.objective_ms,
+                "bound_ms": self.optimality.bound_ms,
+                "heuristic_ms": self.optimality.heuristic_ms,
+                "heuristic_gap": self.optimality.heuristic_gap,
+            }
+            if include_timing:
+                opt["solve_time_s"] = self.optimality.solve_time_s
+            out["optimality"] = opt
+        return out
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no whitespace)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON without solver timing: equal plans, equal prints."""
+        canonical = json.dumps(self.to_dict(include_timing=False), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output, validating it.
+
+        Raises:
+            InvalidRequest: a field is missing or malformed, the version is unknown,
+                or the plan does not cover every token exactly once.
+        """
+        from flashcp_planner.validation import validate_plan
+
+        try:
+            version = int(data.get("version", -1))
+            if version != PLAN_FORMAT_VERSION:
+                raise InvalidRequest("version", f"unknown plan format version {version}, expected {PLAN_FORMAT_VERSION}")
+            ranks = tuple(
+                RankPlan(
+                    rank=int(r["rank"]),
+                    segments=tuple(Segment(doc=int(d), start=int(s), end=int(e)) for d, s, e in r["segments"]),
+                    cost=RankCost(
+                        tokens=int(r["tokens"]),
+                        linear_ms=float(r["linear_ms"]),
+                        attention_ms=float(r["attention_ms"]),
+                        comm_ms=float(r["comm_ms"]),
+                        exposed_comm_ms=float(r["exposed_comm_ms"]),
+                        recv_bytes=int(r["recv_bytes"]),
+                        send_bytes=int(r["send_bytes"]),
+                    ),
+                )
+                for r in data["ranks"]
+            )
+            documents = tuple(
+                DocSharding(doc=int(d["doc"]), kind=ShardingKind(d["sharding"]), ranks=tuple(int(x) for x in d["ranks"]))
+                for d in data["documents"]
+            )
+            transfers = tuple(
+                KVTransfer(src=int(a), dst=int(b), doc=int(c), start=int(s), end=int(e))
+                for a, b, c, s, e in data["transfers"]
+            )
+            opt_data = data.get("optimality")
+            optimality = None
+            if opt_data is not None:
+                optimality = Optimality(
+                    status=str(opt_data["status"]),
+                    objective_ms=float(opt_data["objective_ms"]),
+                    bound_ms=float(opt_data["bound_ms"]),
+                    heuristic_ms=float(opt_data["heuristic_ms"]),
+                    heuristic_gap=float(opt_data["heuristic_gap"]),
+                    solve_time_s=float(opt_data.get("solve_time_s", 0.0)),
+                )
+            plan = cls(
+                strategy=str(data["strategy"]),
+                cp_size=int(data["cp_size"]),
+                doc_lengths=tuple(int(x) for x in data["doc_lengths"]),
+                capacity=int(data["capacity"]),
+                comm=CommMode(data["comm"]),
+                cost_model=str(data["cost_model"]),
+                ranks=ranks,
+                documents=documents,
+                transfers=transfers,
+                makespan_ms=float(data["makespan_ms"]),
+                lower_bound_ms=float(data["lower_bound_ms"]),
+                optimality=optimality,
+                version=version,
+            )
+        except InvalidRequest:
+            raise
+        except KeyError as exc:
+            raise InvalidRequest(f"plan.{exc.args[0]}", "missing field") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InvalidRequest("plan", f"malformed plan: {exc}") from None
+        validate_plan(plan)
+        return plan
+
+
+def segments_by_rank(segments: Sequence[Sequence[Segment]]) -> tuple[tuple[Segment, ...], ...]:
+    """Sort every rank's segments into canonical local order ``(doc, start)``."""
+    return tuple(tuple(sorted(rank_segments, key=lambda s: (s.doc, s.start))) for rank_segments in segments)
