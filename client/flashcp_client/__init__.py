@@ -1,0 +1,54 @@
+"""FlashCP client: plans inside dataloaders and trainers, and their execution.
+
+Execution side (torch, no web stack): :func:`dispatch` / :func:`undispatch`
+move token-major tensors between packed order and each rank's local order;
+:func:`verify_plan_agreement` checks that every rank holds the same plan;
+:func:`cp_attention` runs one layer of context-parallel attention from a plan,
+moving only the KV the plan says (:mod:`flashcp_client.kv_exchange`).
+Other modules append their exports below (``__all__ += [...]``).
+"""
+
+from flashcp_client.agreement import check_plan_matches, verify_plan_agreement
+from flashcp_client.cp_attention import cp_attention
+from flashcp_client.dispatch import dispatch, undispatch
+from flashcp_client.errors import PlanMismatchError
+from flashcp_client.kv_exchange import CommStats, exchange_kv
+from flashcp_client.layout import RankLayout, packed_order, rank_layout
+
+__all__ = [
+    "CommStats",
+    "PlanMismatchError",
+    "RankLayout",
+    "check_plan_matches",
+    "cp_attention",
+    "dispatch",
+    "exchange_kv",
+    "packed_order",
+    "rank_layout",
+    "undispatch",
+    "verify_plan_agreement",
+]
+
+# Plan sources (plan_client.py, sources.py, resilience.py, prefetch.py, dataloader.py, env.py).
+from flashcp_client.dataloader import PackedCPDataset, cp_collate, pack_documents, rank_batch  # noqa: E402
+from flashcp_client.plan_client import ClientStats, PlannerClient  # noqa: E402
+from flashcp_client.prefetch import Prefetcher  # noqa: E402
+from flashcp_client.resilience import Backoff, BreakerPolicy, BreakerState, CircuitBreaker  # noqa: E402
+from flashcp_client.sources import InvalidServiceResponse, PlanSourceError, ServiceUnavailable  # noqa: E402
+
+__all__ += [
+    "Backoff",
+    "BreakerPolicy",
+    "BreakerState",
+    "CircuitBreaker",
+    "ClientStats",
+    "InvalidServiceResponse",
+    "PackedCPDataset",
+    "PlanSourceError",
+    "PlannerClient",
+    "Prefetcher",
+    "ServiceUnavailable",
+    "cp_collate",
+    "pack_documents",
+    "rank_batch",
+]

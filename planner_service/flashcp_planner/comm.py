@@ -36,10 +36,19 @@ def derive_transfers(rank_segments: Sequence[Sequence[Segment]], comm: CommMode)
                         KVTransfer(src=src, dst=dst, doc=s.doc, start=s.start, end=s.end) for s in segments
                     )
     else:
-        for doc, owned in _owners_by_doc(rank_segments).items():
+        first_holder: dict[int, int] = {}
+        split_docs: set[int] = set()
+        for rank, segments in enumerate(rank_segments):
+            for seg in segments:
+                if first_holder.setdefault(seg.doc, rank) != rank:
+                    split_docs.add(seg.doc)
+        owners: dict[int, list[tuple[int, Segment]]] = {doc: [] for doc in sorted(split_docs)}
+        for rank, segments in enumerate(rank_segments):
+            for seg in segments:
+                if seg.doc in split_docs:
+                    owners[seg.doc].append((rank, seg))
+        for doc, owned in owners.items():
             holders = {rank for rank, _ in owned}
-            if len(holders) < 2:
-                continue
             for dst in holders:
                 if comm is CommMode.EXACT_NEED:
                     need = max(seg.end for rank, seg in owned if rank == dst)

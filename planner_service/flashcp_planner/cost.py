@@ -132,8 +132,8 @@ class CostModel:
 
     def efficiency(self, query_tokens: int) -> float:
         """Kernel efficiency of one segment of ``query_tokens`` queries."""
-        x = math.log2(max(query_tokens, 1))
         lq, ev = self._eff_log_q, self._eff_val
+        x = math.log2(query_tokens) if query_tokens > 1 else 0.0
         if x <= lq[0]:
             return ev[0]
         if x >= lq[-1]:
@@ -151,7 +151,11 @@ class CostModel:
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""
-        flops = 4.0 * (length * (length + 1) // 2) * self.num_heads * self.head_dim
+        return self.attention_ideal_ms_of_pairs(length * (length + 1) // 2)
+
+    def attention_ideal_ms_of_pairs(self, pairs: int) -> float:
+        """Attention of ``pairs`` causal pairs at the best efficiency, no overhead (for lower bounds)."""
+        flops = 4.0 * pairs * self.num_heads * self.head_dim
         return flops * (1.0 + self.attention_backward_ratio) / (self.attention_tflops * 1e9 * max(self._eff_val))
 
     def same_node(self, a: int, b: int) -> bool:
@@ -200,16 +204,18 @@ def rank_costs(
         owned_prefix.append(prefix)
 
     costs = []
+    attention_ms = cost_model.attention_ms
     for r, segments in enumerate(rank_segments):
         tokens = 0
         attention = 0.0
         local_attention = 0.0
         prefix = owned_prefix[r]
         for seg in segments:
-            tokens += seg.end - seg.start
-            ms = cost_model.attention_ms(seg.start, seg.end)
+            start, end = seg.start, seg.end
+            tokens += end - start
+            ms = attention_ms(start, end)
             attention += ms
-            if seg.end <= prefix.get(seg.doc, 0):
+            if end <= prefix.get(seg.doc, 0):
                 local_attention += ms
         comm = cost_model.link_ms(recv[r][0], recv[r][1]) + cost_model.link_ms(send[r][0], send[r][1])
         exposed = max(0.0, comm - cost_model.overlap_fraction * local_attention)
@@ -229,6 +235,7 @@ def rank_costs(
 
 def lower_bound_ms(doc_lengths: Sequence[int], cp_size: int, cost_model: CostModel) -> float:
     """Perfect balance, full kernel efficiency, no exposed communication."""
-    attention = sum(cost_model.attention_ideal_ms(length) for length in doc_lengths)
+    pairs = sum(length * (length + 1) for length in doc_lengths) // 2
+    attention = cost_model.attention_ideal_ms_of_pairs(pairs)
     linear = sum(doc_lengths) * cost_model.linear_ms_per_token
     return (attention + linear) / cp_size

@@ -24,44 +24,64 @@ def validate_plan(plan: Plan, *, check_transfers: bool = True) -> None:
     if n < 1 or len(plan.ranks) != n:
         raise InvalidRequest("plan.ranks", f"expected {n} ranks, got {len(plan.ranks)}")
     lengths = plan.doc_lengths
-    pieces: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    num_docs = len(lengths)
+    first: dict[int, tuple[int, int, int]] = {}  # doc -> its first piece (start, end, rank)
+    more: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # doc -> every piece, split docs only
     for r, rp in enumerate(plan.ranks):
         if rp.rank != r:
             raise InvalidRequest(f"plan.ranks[{r}].rank", f"expected {r}, got {rp.rank}")
         tokens = 0
         previous = (-1, -1)
         for seg in rp.segments:
-            if not 0 <= seg.doc < len(lengths):
-                raise InvalidRequest(f"plan.ranks[{r}].segments", f"document {seg.doc} out of range")
-            if not 0 <= seg.start < seg.end <= lengths[seg.doc]:
+            doc, start, end = seg.doc, seg.start, seg.end
+            if not 0 <= doc < num_docs:
+                raise InvalidRequest(f"plan.ranks[{r}].segments", f"document {doc} out of range")
+            if not 0 <= start < end <= lengths[doc]:
                 raise InvalidRequest(
                     f"plan.ranks[{r}].segments",
-                    f"segment {seg.as_list()} outside document of length {lengths[seg.doc]}",
+                    f"segment {seg.as_list()} outside document of length {lengths[doc]}",
                 )
-            if (seg.doc, seg.start) <= previous:
+            if (doc, start) <= previous:
                 raise InvalidRequest(f"plan.ranks[{r}].segments", "segments not in (doc, start) order")
-            previous = (seg.doc, seg.start)
-            tokens += seg.num_tokens
-            pieces[seg.doc].append((seg.start, seg.end, r))
+            previous = (doc, start)
+            tokens += end - start
+            piece = first.setdefault(doc, (start, end, r))
+            if piece[2] != r or piece[0] != start:
+                pieces = more[doc]
+                if not pieces:
+                    pieces.append(piece)
+                pieces.append((start, end, r))
         if tokens > plan.capacity:
             raise InvalidRequest(f"plan.ranks[{r}]", f"{tokens} tokens exceed capacity {plan.capacity}")
         if rp.cost.tokens != tokens:
             raise InvalidRequest(f"plan.ranks[{r}].tokens", f"says {rp.cost.tokens}, segments hold {tokens}")
+    if len(plan.documents) != num_docs:
+        raise InvalidRequest("plan.documents", f"expected {num_docs} entries, got {len(plan.documents)}")
     for doc, length in enumerate(lengths):
-        covered = 0
-        for start, end, _ in sorted(pieces.get(doc, ())):
-            if start != covered:
-                raise InvalidRequest("plan.ranks", f"document {doc}: tokens from {min(start, covered)} covered "
-                                     f"{'twice' if start < covered else 'by no rank'}")
-            covered = end
-        if covered != length:
-            raise InvalidRequest("plan.ranks", f"document {doc}: tokens [{covered}, {length}) covered by no rank")
-    if len(plan.documents) != len(lengths):
-        raise InvalidRequest("plan.documents", f"expected {len(lengths)} entries, got {len(plan.documents)}")
-    for d, sharding in enumerate(plan.documents):
-        owners = {r for _, _, r in pieces[d]}
-        if sharding.doc != d or set(sharding.ranks) != owners:
-            raise InvalidRequest(f"plan.documents[{d}]", f"ranks {list(sharding.ranks)} do not match owners {sorted(owners)}")
+        sharding = plan.documents[doc]
+        piece = first.get(doc)
+        if piece is None:
+            raise InvalidRequest("plan.ranks", f"document {doc}: tokens [0, {length}) covered by no rank")
+        if doc not in more:
+            start, end, rank = piece
+            if start != 0:
+                raise InvalidRequest("plan.ranks", f"document {doc}: tokens from 0 covered by no rank")
+            if end != length:
+                raise InvalidRequest("plan.ranks", f"document {doc}: tokens [{end}, {length}) covered by no rank")
+            owners = {rank}
+        else:
+            covered = 0
+            for start, end, _ in sorted(more[doc]):
+                if start != covered:
+                    raise InvalidRequest("plan.ranks", f"document {doc}: tokens from {min(start, covered)} covered "
+                                         f"{'twice' if start < covered else 'by no rank'}")
+                covered = end
+            if covered != length:
+                raise InvalidRequest("plan.ranks", f"document {doc}: tokens [{covered}, {length}) covered by no rank")
+            owners = {r for _, _, r in more[doc]}
+        if sharding.doc != doc or set(sharding.ranks) != owners:
+            raise InvalidRequest(f"plan.documents[{doc}]",
+                                 f"ranks {list(sharding.ranks)} do not match owners {sorted(owners)}")
     if check_transfers:
         derived = derive_transfers([rp.segments for rp in plan.ranks], plan.comm)
         expected = () if plan.comm.value == "all_gather" else derived

@@ -5,13 +5,15 @@ from __future__ import annotations
 from flashcp_planner.strategies.base import Strategy
 from flashcp_planner.strategies.baselines import AllPerDoc, Contiguous, StaticZigzag, WholeDocOnly
 from flashcp_planner.strategies.flashcp import FlashCPHeuristic
+from flashcp_planner.strategies.optimum import OptimumCPSAT
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy"]
 
 STRATEGIES: dict[str, Strategy] = {
-    s.name: s for s in (FlashCPHeuristic(), AllPerDoc(), StaticZigzag(), Contiguous(), WholeDocOnly())
+    s.name: s
+    for s in (FlashCPHeuristic(), AllPerDoc(), StaticZigzag(), Contiguous(), WholeDocOnly(), OptimumCPSAT())
 }
-"""Name -> strategy instance; the exact solver registers as ``"optimum"`` when OR-Tools is importable lazily."""
+"""Name -> strategy instance. ``"optimum"`` imports OR-Tools only when it plans (extra ``flashcp[ilp]``)."""
 
 
 def get_strategy(name: str) -> Strategy:

@@ -1,0 +1,205 @@
+"""Exact optimum of the FlashCP cost model with OR-Tools CP-SAT (small instances).
+
+Same choices per document as the heuristic (:func:`document_options`): whole on
+any rank r, head-tail over every aligned group of every allowed size k (k = N
+is Per-Doc), plus, if the heuristic had to cut a document into fill pieces,
+that cut. One boolean per (document, option), exactly one per document.
+
+Per rank r, with every time scaled to integers by :func:`_units` (the only
+place floats become integers)::
+
+    tokens_r  = sum x * tokens                      <= capacity
+    work_r    = sum x * (tokens * linear + attention)
+    comm_r    = sum_c latency_c * b[r, c] + sum x * bytes_time
+    exposed_r = max(0, comm_r - sum x * overlap * local_attention)   (add_max_equality)
+    makespan >= work_r + exposed_r                   minimise makespan
+
+``b[r, c]`` is a boolean per link class c (receive / send x intra / inter
+node) implied by every selected option that moves bytes of class c at r, so
+the latency is paid iff bytes move, as in :func:`flashcp_planner.cost.rank_costs`.
+The solver is warm-started (``add_hint``) from the heuristic; its plan is
+re-scored with the float evaluator and the heuristic's layout is returned
+instead if it is better, so the result is never worse than the hint.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+
+from flashcp_planner.comm import derive_transfers
+from flashcp_planner.cost import lower_bound_ms, rank_costs
+from flashcp_planner.layout import Layout
+from flashcp_planner.model import CommMode, Optimality, Segment, segments_by_rank
+from flashcp_planner.request import PlanContext
+from flashcp_planner.strategies.flashcp import (
+    FILL,
+    Placement,
+    PlacementSearch,
+    heuristic_placements,
+    placements_layout,
+)
+from flashcp_planner.strategies.shares import Share, pieces_shares
+
+__all__ = ["OptimumCPSAT", "document_options", "option_shares"]
+
+_SCALE = 1e9
+"""Integer units per millisecond in the CP-SAT model (1 unit = 1 fs of predicted time)."""
+
+
+def _units(ms: float) -> int:
+    return round(ms * _SCALE)
+
+
+def document_options(ctx: PlanContext, fills: dict[int, list[tuple[int, Segment]]] | None = None) -> list[list[Placement]]:
+    """Every placement the optimum considers, per document (whole on r if it fits, every aligned group)."""
+    search = PlacementSearch(ctx, CommMode.EXACT_NEED)
+    out = []
+    for d, length in enumerate(ctx.doc_lengths):
+        options: list[Placement] = [(r, 1) for r in range(ctx.cp_size)] if length <= ctx.capacity else []
+        for k in search.ks:
+            options.extend((g0, k) for g0 in range(0, ctx.cp_size, k))
+        if fills and d in fills:
+            options.append((0, FILL))
+        out.append(options)
+    return out
+
+
+def option_shares(
+    search: PlacementSearch, d: int, option: Placement, fills: dict[int, list[tuple[int, Segment]]], comm: CommMode
+) -> tuple[Share, ...]:
+    """Shares of one option; ``search`` must have been built for ``comm``."""
+    if option[1] == FILL:
+        return pieces_shares(fills[d], search.cm, comm)
+    return search.shares(d, *option)
+
+
+def _rank_terms(search: PlacementSearch, shares: tuple[Share, ...], comm: CommMode) -> dict[int, list]:
+    """Per rank touched (every rank under ALL_GATHER): [work_ms, overlap*local_ms, bytes_ms, traffic tokens x4]."""
+    cm = search.cm
+    lin = cm.linear_ms_per_token
+    terms: dict[int, list] = {}
+    for r, tok, attn, local, ri, rx, si, sx in shares:
+        terms[r] = [tok * lin + attn, cm.overlap_fraction * local, ri, rx, si, sx]
+    if comm is CommMode.ALL_GATHER:
+        gpn = cm.gpus_per_node
+        n = search.n
+        owned = {s[0]: s[1] for s in shares}
+        for r in range(n):
+            entry = terms.setdefault(r, [0.0, 0.0, 0, 0, 0, 0])
+            node = r // gpn
+            node_size = min(gpn, n - node * gpn)
+            for s, tok in owned.items():
+                if s != r:
+                    entry[2 if s // gpn == node else 3] += tok
+            mine = owned.get(r, 0)
+            entry[4] += mine * (node_size - 1)
+            entry[5] += mine * (n - node_size)
+    kv = cm.kv_bytes_per_token
+    bw = (cm.intra_node_gbps * 1e6, cm.inter_node_gbps * 1e6, cm.intra_node_gbps * 1e6, cm.inter_node_gbps * 1e6)
+    out = {}
+    for r, (work, overlap, *traffic) in terms.items():
+        bytes_ms = sum(tokens * kv / b for tokens, b in zip(traffic, bw, strict=True))
+        out[r] = [work, overlap, bytes_ms, [tokens > 0 for tokens in traffic]]
+    return out
+
+
+class OptimumCPSAT:
+    """Minimum makespan of the cost model over the heuristic's option space, by CP-SAT."""
+
+    name: ClassVar[str] = "optimum"
+    description: ClassVar[str] = "exact optimum of the same cost model (OR-Tools CP-SAT, warm-started, time-limited)"
+    is_optimal: ClassVar[bool] = True
+    default_comm: ClassVar[CommMode] = CommMode.EXACT_NEED
+
+    def layout(self, ctx: PlanContext) -> Layout:
+        try:
+            from ortools.sat.python import cp_model
+        except ImportError:
+            raise ImportError(
+                "the 'optimum' strategy needs OR-Tools; install the extra: pip install 'flashcp[ilp]'"
+            ) from None
+        started = time.perf_counter()
+        comm = ctx.options.comm or self.default_comm
+        cm = ctx.cost_model
+        n = ctx.cp_size
+        hint, fills = heuristic_placements(ctx, comm)
+        heuristic_layout = placements_layout(ctx, hint, fills)
+        heuristic_ms = _layout_makespan(heuristic_layout, comm, cm)
+        search = PlacementSearch(ctx, comm)
+        options = document_options(ctx, fills)
+
+        model = cp_model.CpModel()
+        x: list[list] = []
+        work = [[] for _ in range(n)]
+        overlap = [[] for _ in range(n)]
+        moved = [[] for _ in range(n)]
+        tokens = [[] for _ in range(n)]
+        busy = [[model.new_bool_var(f"b[{r},{c}]") for c in range(4)] for r in range(n)]
+        for d, doc_options in enumerate(options):
+            row = []
+            for option in doc_options:
+                var = model.new_bool_var(f"x[{d},{option[0]},{option[1]}]")
+                row.append(var)
+                shares = option_shares(search, d, option, fills, search.comm)
+                for share in shares:
+                    tokens[share[0]].append((var, share[1]))
+                for r, (w, o, b, flags) in _rank_terms(search, shares, comm).items():
+                    work[r].append((var, _units(w)))
+                    overlap[r].append((var, _units(o)))
+                    moved[r].append((var, _units(b)))
+                    for c, flag in enumerate(flags):
+                        if flag:
+                            model.add_implication(var, busy[r][c])
+            model.add_exactly_one(row)
+            x.append(row)
+        latency = [_units(cm.intra_node_latency_ms), _units(cm.inter_node_latency_ms)] * 2
+        horizon = _units(heuristic_ms * 4 + 1.0)
+        makespan = model.new_int_var(0, horizon, "makespan")
+        for r in range(n):
+            model.add(sum(v * c for v, c in tokens[r]) <= ctx.capacity)
+            comm_r = sum(latency[c] * busy[r][c] for c in range(4)) + sum(v * c for v, c in moved[r])
+            exposed = model.new_int_var(0, horizon, f"exposed[{r}]")
+            model.add_max_equality(exposed, [0, comm_r - sum(v * c for v, c in overlap[r])])
+            model.add(makespan >= sum(v * c for v, c in work[r]) + exposed)
+        model.minimize(makespan)
+        for d, doc_options in enumerate(options):
+            chosen = doc_options.index(hint[d])
+            for i, var in enumerate(x[d]):
+                model.add_hint(var, i == chosen)
+
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = float(ctx.options.time_limit_s)
+        solver.parameters.num_workers = ctx.options.num_workers
+        solver.parameters.random_seed = ctx.options.random_seed
+        status = solver.solve(model)
+        solve_time = time.perf_counter() - started
+
+        best_layout, best_ms = heuristic_layout, heuristic_ms
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            chosen_options = [
+                doc_options[next(i for i, var in enumerate(x[d]) if solver.boolean_value(var))]
+                for d, doc_options in enumerate(options)
+            ]
+            solver_layout = placements_layout(ctx, chosen_options, fills)
+            solver_ms = _layout_makespan(solver_layout, comm, cm)
+            if solver_ms < best_ms:
+                best_layout, best_ms = solver_layout, solver_ms
+            bound = solver.best_objective_bound / _SCALE
+        else:
+            bound = lower_bound_ms(ctx.doc_lengths, n, cm)
+        optimality = Optimality(
+            status="optimal" if status == cp_model.OPTIMAL else "feasible",
+            objective_ms=best_ms,
+            bound_ms=min(bound, best_ms),
+            heuristic_ms=heuristic_ms,
+            heuristic_gap=heuristic_ms / best_ms - 1.0 if best_ms > 0 else 0.0,
+            solve_time_s=solve_time,
+        )
+        return Layout(rank_segments=best_layout.rank_segments, documents=best_layout.documents, optimality=optimality)
+
+
+def _layout_makespan(layout: Layout, comm: CommMode, cost_model) -> float:
+    """Makespan of ``layout`` by the plan evaluator itself (what :func:`flashcp_planner.plan` will report)."""
+    rank_segments = segments_by_rank(layout.rank_segments)
+    return max(c.total_ms for c in rank_costs(rank_segments, derive_transfers(rank_segments, comm), cost_model))

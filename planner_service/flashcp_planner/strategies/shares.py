@@ -1,0 +1,244 @@
+"""Per-rank contributions ("shares") of one document placement, and a load state that sums them.
+
+A placement of document d (whole on rank r, head-tail over a group of ranks,
+or arbitrary pieces) adds to every rank it touches: query tokens, attention
+time, attention time that needs no remote KV (``local``), and KV tokens
+received / sent over intra-node and inter-node links. These quantities are
+additive over documents, so a rank's predicted time is a function of the sums
+and a search can move one document by subtracting its old shares and adding
+new ones. :meth:`LoadState.total` is the formula of
+:func:`flashcp_planner.cost.rank_costs`; both heuristic and exact solver use
+these shares, so they optimise exactly what the evaluator scores.
+
+A share is a tuple ``(rank, tokens, attention_ms, local_ms, recv_intra,
+recv_inter, send_intra, send_inter)``; the four traffic fields count KV
+*tokens* (bytes = tokens * ``kv_bytes_per_token``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flashcp_planner.cost import CostModel
+from flashcp_planner.model import CommMode, Segment
+
+__all__ = ["Share", "LoadState", "pieces_shares", "whole_share"]
+
+Share = tuple[int, int, float, float, int, int, int, int]
+
+
+def whole_share(rank: int, length: int, attention_ms: float) -> tuple[Share, ...]:
+    """A document kept whole on ``rank``: all its attention is local, nothing moves."""
+    return ((rank, length, attention_ms, attention_ms, 0, 0, 0, 0),)
+
+
+def pieces_shares(
+    pieces: Sequence[tuple[int, Segment]], cost_model: CostModel, comm: CommMode
+) -> tuple[Share, ...]:
+    """Shares of one document cut into ``pieces`` (``(rank, segment)`` in document order).
+
+    Traffic follows :func:`flashcp_planner.comm.derive_transfers` for
+    ``SHARDING_AWARE`` and ``EXACT_NEED``. For ``ALL_GATHER`` the traffic depends
+    on the whole layout, not on one document; it is left at zero here and added
+    by :class:`LoadState` from the token counts.
+
+    Returns:
+        One share per rank holding tokens of the document, in order of first piece.
+    """
+    gpn = cost_model.gpus_per_node
+    acc: dict[int, list] = {}
+    prefix: dict[int, int] = {}
+    last_index: dict[int, int] = {}
+    for index, (rank, seg) in enumerate(pieces):
+        ms = cost_model.attention_ms(seg.start, seg.end)
+        entry = acc.get(rank)
+        if entry is None:
+            entry = acc[rank] = [rank, 0, 0.0, 0.0, 0, 0, 0, 0]
+            prefix[rank] = 0
+        entry[1] += seg.end - seg.start
+        entry[2] += ms
+        if seg.start == prefix[rank]:  # keys [0, end) all owned by this rank
+            prefix[rank] = seg.end
+            entry[3] += ms
+        last_index[rank] = index
+    if len(acc) > 1 and comm is not CommMode.ALL_GATHER:
+        if comm is CommMode.SHARDING_AWARE:
+            node_tokens: dict[int, int] = {}
+            node_holders: dict[int, int] = {}
+            for rank, entry in acc.items():
+                node = rank // gpn
+                node_tokens[node] = node_tokens.get(node, 0) + entry[1]
+                node_holders[node] = node_holders.get(node, 0) + 1
+            total = sum(node_tokens.values())
+            holders = len(acc)
+            for rank, entry in acc.items():
+                node = rank // gpn
+                own = entry[1]
+                entry[4] = node_tokens[node] - own
+                entry[5] = total - node_tokens[node]
+                entry[6] = own * (node_holders[node] - 1)
+                entry[7] = own * (holders - node_holders[node])
+        else:
+            _exact_need_traffic(pieces, acc, last_index, gpn)
+    return tuple(tuple(entry) for entry in acc.values())  # type: ignore[misc]
+
+
+def _exact_need_traffic(
+    pieces: Sequence[tuple[int, Segment]], acc: dict[int, list], last_index: dict[int, int], gpn: int
+) -> None:
+    """Rank j reads keys ``[0, end of its last piece)``: it receives every other piece below that point.
+
+    Pieces are disjoint and in document order, so "below the need of j" is
+    "index <= last_index[j]". A forward sweep gives the received tokens per
+    node class, a backward sweep counts, for each piece, the holders that read it.
+    """
+    ends_at: dict[int, list[int]] = {}
+    for rank, index in last_index.items():
+        ends_at.setdefault(index, []).append(rank)
+    node_sum: dict[int, int] = {}
+    total = 0
+    for index, (rank, seg) in enumerate(pieces):
+        node = rank // gpn
+        node_sum[node] = node_sum.get(node, 0) + seg.end - seg.start
+        total += seg.end - seg.start
+        for holder in ends_at.get(index, ()):
+            entry = acc[holder]
+            same = node_sum.get(holder // gpn, 0)
+            entry[4] = same - entry[1]
+            entry[5] = total - same
+    readers_in_node: dict[int, int] = {}
+    readers = 0
+    for index in range(len(pieces) - 1, -1, -1):
+        for holder in ends_at.get(index, ()):
+            node = holder // gpn
+            readers_in_node[node] = readers_in_node.get(node, 0) + 1
+            readers += 1
+        rank, seg = pieces[index]
+        size = seg.end - seg.start
+        same = readers_in_node.get(rank // gpn, 0) - 1  # the owner reads its own piece
+        entry = acc[rank]
+        entry[6] += size * same
+        entry[7] += size * (readers - 1 - same)
+
+
+class LoadState:
+    """Summed shares of every rank, and the predicted per-rank time they imply.
+
+    Args:
+        cost_model: constants of the evaluator.
+        cp_size: number of ranks N.
+        comm: communication mode the totals are predicted for.
+        capacity: per-rank token capacity.
+    """
+
+    __slots__ = ("cm", "n", "comm", "tok", "attn", "local", "ri", "rx", "si", "sx", "_lin", "_kv",
+                 "_lat_i", "_lat_x", "_bw_i", "_bw_x", "_ov", "_node_tok", "_node_size", "_total_tokens",
+                 "capacity")
+
+    def __init__(self, cost_model: CostModel, cp_size: int, comm: CommMode, capacity: int) -> None:
+        self.cm = cost_model
+        self.capacity = capacity
+        self.n = cp_size
+        self.comm = comm
+        self.tok = [0] * cp_size
+        self.attn = [0.0] * cp_size
+        self.local = [0.0] * cp_size
+        self.ri = [0] * cp_size
+        self.rx = [0] * cp_size
+        self.si = [0] * cp_size
+        self.sx = [0] * cp_size
+        self._lin = cost_model.linear_ms_per_token
+        self._kv = cost_model.kv_bytes_per_token
+        self._lat_i = cost_model.intra_node_latency_ms
+        self._lat_x = cost_model.inter_node_latency_ms
+        self._bw_i = cost_model.intra_node_gbps * 1e6
+        self._bw_x = cost_model.inter_node_gbps * 1e6
+        self._ov = cost_model.overlap_fraction
+        gpn = cost_model.gpus_per_node
+        num_nodes = (cp_size + gpn - 1) // gpn
+        self._node_tok = [0] * num_nodes
+        self._node_size = [min(gpn, cp_size - node * gpn) for node in range(num_nodes)]
+        self._total_tokens = 0
+
+    def add(self, shares: Sequence[Share], sign: int = 1) -> None:
+        """Add (``sign=1``) or remove (``sign=-1``) the shares of one placement."""
+        gpn = self.cm.gpus_per_node
+        for r, tok, attn, local, ri, rx, si, sx in shares:
+            self.tok[r] += sign * tok
+            self.attn[r] += sign * attn
+            self.local[r] += sign * local
+            self.ri[r] += sign * ri
+            self.rx[r] += sign * rx
+            self.si[r] += sign * si
+            self.sx[r] += sign * sx
+            self._node_tok[r // gpn] += sign * tok
+            self._total_tokens += sign * tok
+
+    def add_tokens(self, r: int, tokens: int) -> None:
+        """Book-keeping of :meth:`add` for callers that update ``tok``/``attn``/``local`` themselves."""
+        self._node_tok[r // self.cm.gpus_per_node] += tokens
+        self._total_tokens += tokens
+
+    def time(self, tok: int, attn: float, local: float, ri: int, rx: int, si: int, sx: int, r: int) -> float:
+        """Predicted time of rank ``r`` if its sums were these values."""
+        if self.comm is CommMode.ALL_GATHER:
+            node = r // self.cm.gpus_per_node
+            ri = self._node_tok[node] - self.tok[r]
+            rx = self._total_tokens - self._node_tok[node]
+            si = tok * (self._node_size[node] - 1)
+            sx = tok * (self.n - self._node_size[node])
+        kv = self._kv
+        comm = 0.0
+        if ri:
+            comm += self._lat_i + ri * kv / self._bw_i
+        if rx:
+            comm += self._lat_x + rx * kv / self._bw_x
+        recv = comm
+        comm = 0.0
+        if si:
+            comm += self._lat_i + si * kv / self._bw_i
+        if sx:
+            comm += self._lat_x + sx * kv / self._bw_x
+        exposed = recv + comm - self._ov * local
+        if exposed < 0.0:
+            exposed = 0.0
+        return tok * self._lin + attn + exposed
+
+    def total(self, r: int) -> float:
+        """Predicted time of rank ``r`` now."""
+        return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r], r)
+
+    def totals(self) -> list[float]:
+        return [self.total(r) for r in range(self.n)]
+
+    def peek(self, remove: Sequence[Share], add: Sequence[Share]) -> tuple[float, bool]:
+        """Max new time over the ranks touched by moving a document from ``remove`` to ``add``.
+
+        Returns:
+            ``(max time of the touched ranks, whether every touched rank stays within capacity)``.
+            Under ``ALL_GATHER`` the coupling through node totals is ignored (search only).
+        """
+        delta: dict[int, list] = {}
+        for sign, shares in ((-1, remove), (1, add)):
+            for r, tok, attn, local, ri, rx, si, sx in shares:
+                d = delta.get(r)
+                if d is None:
+                    d = delta[r] = [0, 0.0, 0.0, 0, 0, 0, 0]
+                d[0] += sign * tok
+                d[1] += sign * attn
+                d[2] += sign * local
+                d[3] += sign * ri
+                d[4] += sign * rx
+                d[5] += sign * si
+                d[6] += sign * sx
+        worst = 0.0
+        fits = True
+        for r, d in delta.items():
+            tok = self.tok[r] + d[0]
+            if tok > self.capacity:
+                fits = False
+            t = self.time(tok, self.attn[r] + d[1], self.local[r] + d[2], self.ri[r] + d[3], self.rx[r] + d[4],
+                          self.si[r] + d[5], self.sx[r] + d[6], r)
+            if t > worst:
+                worst = t
+        return worst, fits

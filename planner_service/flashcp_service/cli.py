@@ -1,0 +1,193 @@
+"""``flashcp serve`` / ``python -m flashcp_service``: both transports in one process and one event loop.
+
+``flashcp_planner.cli`` adds the ``serve`` subcommand with
+:func:`add_serve_arguments` and runs it with :func:`run_serve`. Flags override
+``FLASHCP_*`` environment variables (:class:`Settings`). SIGTERM (or SIGINT)
+drains: readiness and gRPC health turn NOT_SERVING, new requests get
+UNAVAILABLE / 503, in-flight requests complete (up to ``drain_timeout_s``),
+then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+from pydantic import ValidationError
+
+from flashcp_service.access_log import JsonFormatter
+from flashcp_service.settings import Settings
+
+__all__ = ["add_serve_arguments", "main", "run_serve", "serve", "settings_from_args"]
+
+_log = logging.getLogger("flashcp_service")
+
+# (flag, Settings field, type, help)
+_FLAGS = (
+    ("--host", "host", str, "interface to bind (env FLASHCP_HOST; default 127.0.0.1)"),
+    ("--http-port", "http_port", int, "HTTP port, 0 = any free port (env FLASHCP_HTTP_PORT; default 8080)"),
+    ("--grpc-port", "grpc_port", int, "gRPC port, 0 = any free port (env FLASHCP_GRPC_PORT; default 50051)"),
+    ("--max-documents", "max_documents", int, "most documents per request (env FLASHCP_MAX_DOCUMENTS)"),
+    ("--max-request-bytes", "max_request_bytes", int, "largest request accepted (env FLASHCP_MAX_REQUEST_BYTES)"),
+    ("--max-solver-time", "max_solver_time_s", float, "cap on solver time limits, s (env FLASHCP_MAX_SOLVER_TIME_S)"),
+    ("--solver-workers", "solver_workers", int, "processes for exact searches (env FLASHCP_SOLVER_WORKERS)"),
+    ("--solver-queue", "solver_queue", int, "exact searches allowed to wait (env FLASHCP_SOLVER_QUEUE)"),
+    ("--drain-timeout", "drain_timeout_s", float, "SIGTERM grace, s (env FLASHCP_DRAIN_TIMEOUT_S)"),
+    ("--log-level", "log_level", str, "debug, info, warning or error (env FLASHCP_LOG_LEVEL)"),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` flags to ``parser``; every flag defaults to the environment / built-in value."""
+    for flag, dest, kind, help_text in _FLAGS:
+        parser.add_argument(flag, dest=f"serve_{dest}", type=kind, default=None, help=help_text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags that were given.
+
+    Raises:
+        pydantic.ValidationError: a value is out of range (the message names it).
+    """
+    overrides = {dest: getattr(args, f"serve_{dest}", None) for _, dest, _, _ in _FLAGS}
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run both servers until SIGTERM / SIGINT; return the process exit code.
+
+    0 after a clean drain; 2 for invalid settings; 1 when a port cannot be bound.
+    """
+    try:
+        settings = settings_from_args(args)
+        _configure_logging(settings.log_level)
+    except (ValidationError, ValueError) as exc:
+        print(f"flashcp serve: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as exc:
+        _log.error("cannot start: %s", exc)
+        return 1
+
+
+def _bind_http_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@contextlib.contextmanager
+def _signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[None]:
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
+    """Serve gRPC and HTTP on the running loop until ``stop`` is set or a signal arrives, then drain.
+
+    Args:
+        settings: ports and limits.
+        stop: set it to shut down (tests); SIGTERM / SIGINT set it too.
+
+    Returns:
+        0 after a clean drain, 1 when the HTTP server died on its own.
+
+    Raises:
+        OSError: the HTTP port cannot be bound.
+        RuntimeError: the gRPC port cannot be bound.
+    """
+    import uvicorn
+
+    from flashcp_service.grpc_server import create_server
+    from flashcp_service.http_app import create_app
+    from flashcp_service.service import PlannerService
+
+    class _EmbeddedUvicorn(uvicorn.Server):
+        """uvicorn without its own signal handling: this loop owns SIGTERM."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    loop = asyncio.get_running_loop()
+    stop = stop if stop is not None else asyncio.Event()
+    service = PlannerService(settings)
+    http_socket = _bind_http_socket(settings.host, settings.http_port)
+    grpc_server, grpc_port = await create_server(service, _grpc_address(settings.host, settings.grpc_port))
+    config = uvicorn.Config(
+        create_app(service),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )
+    http_server = _EmbeddedUvicorn(config)
+    await grpc_server.start()
+    with _signals(loop, stop):
+        http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+        stop_task = asyncio.create_task(stop.wait())
+        _log.info(
+            json.dumps(
+                {
+                    "event": "listening",
+                    "host": settings.host,
+                    "http_port": http_socket.getsockname()[1],
+                    "grpc_port": grpc_port,
+                }
+            )
+        )
+        await asyncio.wait((http_task, stop_task), return_when=asyncio.FIRST_COMPLETED)
+        failed = http_task.done() and not stop.is_set()
+        if failed:
+            _log.error("the HTTP server stopped unexpectedly: %r", http_task.exception())
+        _log.info("draining: refusing new work, waiting for in-flight requests")
+        await service.begin_drain()
+        http_server.should_exit = True
+        await asyncio.gather(grpc_server.stop(grace=settings.drain_timeout_s), http_task, return_exceptions=True)
+        stop_task.cancel()
+    await asyncio.to_thread(service.close)
+    http_socket.close()
+    _log.info("stopped")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flashcp_service [flags]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flashcp_service", description="Run the FlashCP planner (gRPC + HTTP) until SIGTERM."
+    )
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

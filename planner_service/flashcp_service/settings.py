@@ -1,0 +1,56 @@
+"""Server settings: command-line flags override ``FLASHCP_*`` environment variables.
+
+Only this module reads the environment. Every limit that keeps a shared
+sidecar healthy lives here; see ``planner_service/README.md`` for the table.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Ports, limits and pool sizes of one planner server process.
+
+    Each field ``x`` is read from the environment variable ``FLASHCP_X``
+    (e.g. ``FLASHCP_GRPC_PORT=50051``) unless given explicitly.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLASHCP_", extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    """Interface both servers bind (``0.0.0.0`` in the container image)."""
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    """HTTP (FastAPI) port; 0 lets the OS pick one."""
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    """gRPC port; 0 lets the OS pick one."""
+
+    max_documents: int = Field(default=65536, ge=1)
+    """Most documents in one request, over all its micro-batches."""
+    max_micro_batches: int = Field(default=1024, ge=1)
+    """Most micro-batches in one request."""
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    """Largest request body (HTTP) or message (gRPC) accepted."""
+    max_solver_time_s: float = Field(default=30.0, gt=0)
+    """Cap on ``options.time_limit_s`` of exact strategies."""
+
+    solver_workers: int = Field(default=1, ge=1)
+    """Processes running exact (optimum) searches."""
+    solver_queue: int = Field(default=2, ge=0)
+    """Exact searches allowed to wait for a solver process; more are refused
+    with RESOURCE_EXHAUSTED / HTTP 429."""
+    heuristic_threads: int = Field(default=4, ge=1)
+    """Threads planning large heuristic requests, so the event loop stays responsive."""
+    inline_max_documents: int = Field(default=2048, ge=0)
+    """Heuristic requests with at most this many documents are planned on the
+    event loop itself (a thread hop costs more than planning them)."""
+
+    default_cost_model: str = "h100-llama8b"
+    """Preset used when a request names no cost model."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight requests may take before the process exits."""
+    log_level: str = "info"
+    """Python logging level of the server and its one-line-per-request access log."""

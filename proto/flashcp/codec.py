@@ -1,0 +1,475 @@
+"""Conversions between the ``flashcp.v1`` protobuf messages and planning-core objects.
+
+Shared by the server (``flashcp_service``) and the client library
+(``flashcp_client``); depends on protobuf and ``flashcp_planner`` only.
+
+Conventions:
+
+* Decoding a request (``*_from_pb``) validates it through the core's own
+  constructors, so a malformed message raises
+  :class:`flashcp_planner.errors.InvalidRequest` naming the field, exactly as
+  the HTTP API and the embedded planner would.
+* ``plan_to_pb`` / ``plan_from_pb`` are lossless: for every plan ``p``,
+  ``plan_from_pb(plan_to_pb(p)) == p`` and ``plan_pb_to_dict(plan_to_pb(p)) ==
+  p.to_dict()``, floats included (both sides are IEEE doubles).
+* Unset ``optional`` request fields take the core defaults; a request cost
+  model is a preset name or a (partial) :class:`CostModel` message whose unset
+  fields come from the preset named by ``base``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from flashcp_planner.cost import CostModel
+from flashcp_planner.errors import InvalidRequest
+from flashcp_planner.model import (
+    CommMode,
+    DocSharding,
+    KVTransfer,
+    Optimality,
+    Plan,
+    RankCost,
+    RankPlan,
+    Segment,
+    ShardingKind,
+)
+from flashcp_planner.planner import Comparison
+from flashcp_planner.presets import PRESETS, cost_model_from_dict, cost_model_to_dict, get_preset
+from flashcp_planner.request import PlanOptions, PlanRequest
+
+from flashcp.v1 import planner_pb2 as pb
+
+__all__ = [
+    "DEFAULT_COST_MODEL",
+    "DEFAULT_STRATEGY",
+    "comm_from_pb",
+    "comm_to_pb",
+    "comparisons_from_pb",
+    "comparisons_to_pb",
+    "compare_request_from_pb",
+    "compare_request_to_pb",
+    "cost_model_from_pb",
+    "cost_model_to_pb",
+    "options_from_pb",
+    "options_to_pb",
+    "plan_from_pb",
+    "plan_pb_to_dict",
+    "plan_to_pb",
+    "request_from_pb",
+    "request_to_pb",
+    "total_documents",
+]
+
+DEFAULT_COST_MODEL = "h100-llama8b"
+"""Preset used when a request names no cost model."""
+DEFAULT_STRATEGY = "flashcp"
+"""Strategy used when a request names none."""
+
+_COMM_TO_PB = {
+    CommMode.ALL_GATHER: pb.COMM_MODE_ALL_GATHER,
+    CommMode.SHARDING_AWARE: pb.COMM_MODE_SHARDING_AWARE,
+    CommMode.EXACT_NEED: pb.COMM_MODE_EXACT_NEED,
+}
+_COMM_FROM_PB = {v: k for k, v in _COMM_TO_PB.items()}
+_KIND_TO_PB = {
+    ShardingKind.WHOLE: pb.SHARDING_KIND_WHOLE,
+    ShardingKind.PER_DOC: pb.SHARDING_KIND_PER_DOC,
+    ShardingKind.SUB_GROUP: pb.SHARDING_KIND_SUB_GROUP,
+    ShardingKind.PACKED: pb.SHARDING_KIND_PACKED,
+}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+_KIND_VALUE_FROM_PB = {v: k.value for k, v in _KIND_TO_PB.items()}
+
+_COST_FIELDS = tuple(f.name for f in dataclasses.fields(CostModel) if f.init)
+_COST_SCALARS = tuple(name for name in _COST_FIELDS if name not in ("name", "attention_efficiency"))
+_OPTION_SCALARS = ("allow_sub_group", "time_limit_s", "num_workers", "random_seed")
+
+
+# ---------------------------------------------------------------- enums
+
+
+def comm_to_pb(comm: CommMode | None) -> int:
+    """``None`` maps to ``COMM_MODE_UNSPECIFIED``."""
+    return pb.COMM_MODE_UNSPECIFIED if comm is None else _COMM_TO_PB[CommMode(comm)]
+
+
+def comm_from_pb(value: int, *, field: str = "options.comm") -> CommMode | None:
+    """``COMM_MODE_UNSPECIFIED`` maps to ``None``.
+
+    Raises:
+        InvalidRequest: an enum number this server does not know.
+    """
+    if value == pb.COMM_MODE_UNSPECIFIED:
+        return None
+    try:
+        return _COMM_FROM_PB[value]
+    except KeyError:
+        raise InvalidRequest(field, f"unknown communication mode number {value}") from None
+
+
+# ---------------------------------------------------------------- cost models
+
+
+def cost_model_to_pb(cost_model: CostModel) -> pb.CostModel:
+    """Every field set, ``base`` empty."""
+    data = cost_model_to_dict(cost_model)
+    points = [pb.EfficiencyPoint(query_tokens=q, efficiency=e) for q, e in data.pop("attention_efficiency")]
+    return pb.CostModel(attention_efficiency=points, **data)
+
+
+def cost_model_from_pb(message: pb.CostModel) -> CostModel:
+    """Build a cost model: set fields override the preset named by ``base``.
+
+    Raises:
+        InvalidRequest: unknown base preset or an out-of-range constant.
+    """
+    data: dict[str, Any] = {name: getattr(message, name) for name in _COST_SCALARS if message.HasField(name)}
+    if message.HasField("name"):
+        data["name"] = message.name
+    if message.base:
+        data["base"] = message.base
+    if message.attention_efficiency:
+        data["attention_efficiency"] = [[p.query_tokens, p.efficiency] for p in message.attention_efficiency]
+    return cost_model_from_dict(data)
+
+
+def _cost_model_of(message: pb.PlanRequest | pb.CompareRequest, default: CostModel | None) -> CostModel:
+    which = message.WhichOneof("cost_model")
+    if which == "cost_model_preset":
+        return get_preset(message.cost_model_preset)
+    if which == "cost_model_custom":
+        return cost_model_from_pb(message.cost_model_custom)
+    return default if default is not None else get_preset(DEFAULT_COST_MODEL)
+
+
+def _set_cost_model(message: pb.PlanRequest | pb.CompareRequest, cost_model: CostModel) -> None:
+    if PRESETS.get(cost_model.name) == cost_model:
+        message.cost_model_preset = cost_model.name
+    else:
+        message.cost_model_custom.CopyFrom(cost_model_to_pb(cost_model))
+
+
+# ---------------------------------------------------------------- requests
+
+
+def options_to_pb(options: PlanOptions) -> pb.PlanOptions:
+    """Every option set explicitly."""
+    return pb.PlanOptions(
+        comm=comm_to_pb(options.comm),
+        allow_sub_group=options.allow_sub_group,
+        time_limit_s=options.time_limit_s,
+        num_workers=options.num_workers,
+        random_seed=options.random_seed,
+    )
+
+
+def options_from_pb(message: pb.PlanOptions) -> PlanOptions:
+    """Unset fields take the :class:`PlanOptions` defaults.
+
+    Raises:
+        InvalidRequest: an option is out of range.
+    """
+    values: dict[str, Any] = {name: getattr(message, name) for name in _OPTION_SCALARS if message.HasField(name)}
+    return PlanOptions(comm=comm_from_pb(message.comm), **values)
+
+
+def _request_fields(
+    message: pb.PlanRequest | pb.CompareRequest, default_cost_model: CostModel | None
+) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "micro_batches": [list(mb.doc_lengths) for mb in message.micro_batches],
+        "cp_size": message.cp_size,
+        "cost_model": _cost_model_of(message, default_cost_model),
+    }
+    if message.HasField("capacity_slack"):
+        values["capacity_slack"] = message.capacity_slack
+    if message.HasField("capacity"):
+        values["capacity"] = message.capacity
+    if message.HasField("options"):
+        values["options"] = options_from_pb(message.options)
+    return values
+
+
+def request_from_pb(message: pb.PlanRequest, *, default_cost_model: CostModel | None = None) -> PlanRequest:
+    """Decode and validate a plan request.
+
+    Args:
+        message: the request.
+        default_cost_model: used when the request names none (default: the
+            ``h100-llama8b`` preset).
+
+    Raises:
+        InvalidRequest: a field is missing, of the wrong kind or out of range.
+    """
+    return PlanRequest(strategy=message.strategy or DEFAULT_STRATEGY, **_request_fields(message, default_cost_model))
+
+
+def compare_request_from_pb(
+    message: pb.CompareRequest, *, default_cost_model: CostModel | None = None
+) -> tuple[PlanRequest, tuple[str, ...] | None]:
+    """Decode a compare request into the request to plan and the strategies (``None``: all).
+
+    Raises:
+        InvalidRequest: as :func:`request_from_pb`; unknown strategy names are
+            reported by the planner itself.
+    """
+    strategies = tuple(message.strategies) or None
+    return PlanRequest(**_request_fields(message, default_cost_model)), strategies
+
+
+def _fill_request(message: pb.PlanRequest | pb.CompareRequest, request: PlanRequest, request_id: str) -> None:
+    for lengths in request.micro_batches:
+        message.micro_batches.add().doc_lengths.extend(lengths)
+    message.cp_size = request.cp_size
+    _set_cost_model(message, request.cost_model)
+    if request.capacity is not None:
+        message.capacity = request.capacity
+    else:
+        message.capacity_slack = request.capacity_slack
+    message.options.CopyFrom(options_to_pb(request.options))
+    message.request_id = request_id
+
+
+def request_to_pb(request: PlanRequest, *, request_id: str = "") -> pb.PlanRequest:
+    """Encode a request (a cost model equal to its preset travels by name)."""
+    message = pb.PlanRequest(strategy=request.strategy)
+    _fill_request(message, request, request_id)
+    return message
+
+
+def compare_request_to_pb(
+    request: PlanRequest, strategies: Sequence[str] | None = None, *, request_id: str = ""
+) -> pb.CompareRequest:
+    """Encode a compare request; ``request.strategy`` is not sent."""
+    message = pb.CompareRequest(strategies=list(strategies or ()))
+    _fill_request(message, request, request_id)
+    return message
+
+
+def total_documents(message: pb.PlanRequest | pb.CompareRequest) -> int:
+    """Documents over all micro-batches, counted before any validation (for size limits)."""
+    return sum(len(mb.doc_lengths) for mb in message.micro_batches)
+
+
+# ---------------------------------------------------------------- plans
+
+
+def plan_to_pb(plan: Plan) -> pb.Plan:
+    """Encode a plan; lossless (see module docstring)."""
+    # ``repeated.add(**fields)`` is several times faster than building the
+    # sub-messages first and passing lists (upb), and plans can hold 10^4+ segments.
+    message = pb.Plan(
+        version=plan.version,
+        strategy=plan.strategy,
+        cp_size=plan.cp_size,
+        doc_lengths=plan.doc_lengths,
+        capacity=plan.capacity,
+        comm=_COMM_TO_PB[plan.comm],
+        cost_model=plan.cost_model,
+        makespan_ms=plan.makespan_ms,
+        lower_bound_ms=plan.lower_bound_ms,
+    )
+    add_rank = message.ranks.add
+    for rp in plan.ranks:
+        c = rp.cost
+        rank = add_rank(
+            rank=rp.rank,
+            tokens=c.tokens,
+            linear_ms=c.linear_ms,
+            attention_ms=c.attention_ms,
+            comm_ms=c.comm_ms,
+            exposed_comm_ms=c.exposed_comm_ms,
+            total_ms=c.total_ms,
+            recv_bytes=c.recv_bytes,
+            send_bytes=c.send_bytes,
+        )
+        add_segment = rank.segments.add
+        for s in rp.segments:
+            add_segment(doc=s.doc, start=s.start, end=s.end)
+    add_doc = message.documents.add
+    kinds = _KIND_TO_PB
+    for d in plan.documents:
+        add_doc(doc=d.doc, sharding=kinds[d.kind], ranks=d.ranks)
+    add_transfer = message.transfers.add
+    for t in plan.transfers:
+        add_transfer(src=t.src, dst=t.dst, doc=t.doc, start=t.start, end=t.end)
+    if plan.optimality is not None:
+        o = plan.optimality
+        message.optimality.CopyFrom(
+            pb.Optimality(
+                status=o.status,
+                objective_ms=o.objective_ms,
+                bound_ms=o.bound_ms,
+                heuristic_ms=o.heuristic_ms,
+                heuristic_gap=o.heuristic_gap,
+                solve_time_s=o.solve_time_s,
+            )
+        )
+    return message
+
+
+def _comm_of_plan(message: pb.Plan) -> CommMode:
+    comm = comm_from_pb(message.comm, field="plan.comm")
+    if comm is None:
+        raise InvalidRequest("plan.comm", "missing communication mode")
+    return comm
+
+
+def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
+    """Decode a plan.
+
+    Args:
+        message: the encoded plan.
+        validate: also check coverage, capacity and transfers with
+            :func:`flashcp_planner.validation.validate_plan` (clients should;
+            it costs about as much as decoding).
+
+    Raises:
+        InvalidRequest: unknown format version or enum value, or (``validate``)
+            a structurally invalid plan.
+    """
+    from flashcp_planner.model import PLAN_FORMAT_VERSION
+
+    if message.version != PLAN_FORMAT_VERSION:
+        raise InvalidRequest(
+            "plan.version", f"unknown plan format version {message.version}, expected {PLAN_FORMAT_VERSION}"
+        )
+    ranks = tuple(
+        RankPlan(
+            rank=r.rank,
+            segments=tuple(Segment(doc=s.doc, start=s.start, end=s.end) for s in r.segments),
+            cost=RankCost(
+                tokens=r.tokens,
+                linear_ms=r.linear_ms,
+                attention_ms=r.attention_ms,
+                comm_ms=r.comm_ms,
+                exposed_comm_ms=r.exposed_comm_ms,
+                recv_bytes=r.recv_bytes,
+                send_bytes=r.send_bytes,
+            ),
+        )
+        for r in message.ranks
+    )
+    try:
+        documents = tuple(
+            DocSharding(doc=d.doc, kind=_KIND_FROM_PB[d.sharding], ranks=tuple(d.ranks)) for d in message.documents
+        )
+    except KeyError as exc:
+        raise InvalidRequest("plan.documents", f"unknown sharding kind number {exc.args[0]}") from None
+    optimality = None
+    if message.HasField("optimality"):
+        o = message.optimality
+        optimality = Optimality(
+            status=o.status,
+            objective_ms=o.objective_ms,
+            bound_ms=o.bound_ms,
+            heuristic_ms=o.heuristic_ms,
+            heuristic_gap=o.heuristic_gap,
+            solve_time_s=o.solve_time_s,
+        )
+    plan = Plan(
+        strategy=message.strategy,
+        cp_size=message.cp_size,
+        doc_lengths=tuple(message.doc_lengths),
+        capacity=message.capacity,
+        comm=_comm_of_plan(message),
+        cost_model=message.cost_model,
+        ranks=ranks,
+        documents=documents,
+        transfers=tuple(
+            KVTransfer(src=t.src, dst=t.dst, doc=t.doc, start=t.start, end=t.end) for t in message.transfers
+        ),
+        makespan_ms=message.makespan_ms,
+        lower_bound_ms=message.lower_bound_ms,
+        optimality=optimality,
+        version=message.version,
+    )
+    if validate:
+        from flashcp_planner.validation import validate_plan
+
+        validate_plan(plan)
+    return plan
+
+
+def plan_pb_to_dict(message: pb.Plan, *, include_timing: bool = True) -> dict[str, Any]:
+    """The :meth:`Plan.to_dict` form of an encoded plan, without building a :class:`Plan`."""
+    out: dict[str, Any] = {
+        "version": message.version,
+        "strategy": message.strategy,
+        "cp_size": message.cp_size,
+        "doc_lengths": list(message.doc_lengths),
+        "capacity": message.capacity,
+        "comm": _comm_of_plan(message).value,
+        "cost_model": message.cost_model,
+        "makespan_ms": message.makespan_ms,
+        "lower_bound_ms": message.lower_bound_ms,
+        "ranks": [
+            {
+                "rank": r.rank,
+                "segments": [[s.doc, s.start, s.end] for s in r.segments],
+                "tokens": r.tokens,
+                "linear_ms": r.linear_ms,
+                "attention_ms": r.attention_ms,
+                "comm_ms": r.comm_ms,
+                "exposed_comm_ms": r.exposed_comm_ms,
+                "total_ms": r.total_ms,
+                "recv_bytes": r.recv_bytes,
+                "send_bytes": r.send_bytes,
+            }
+            for r in message.ranks
+        ],
+        "documents": [
+            {"doc": d.doc, "sharding": _KIND_VALUE_FROM_PB[d.sharding], "ranks": list(d.ranks)}
+            for d in message.documents
+        ],
+        "transfers": [[t.src, t.dst, t.doc, t.start, t.end] for t in message.transfers],
+    }
+    if message.HasField("optimality"):
+        o = message.optimality
+        opt = {
+            "status": o.status,
+            "objective_ms": o.objective_ms,
+            "bound_ms": o.bound_ms,
+            "heuristic_ms": o.heuristic_ms,
+            "heuristic_gap": o.heuristic_gap,
+        }
+        if include_timing:
+            opt["solve_time_s"] = o.solve_time_s
+        out["optimality"] = opt
+    return out
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def comparisons_to_pb(comparisons: Sequence[Sequence[Comparison]]) -> list[pb.MicroBatchComparison]:
+    """Encode :func:`flashcp_planner.compare` output (one row per micro-batch)."""
+    rows = []
+    for row in comparisons:
+        message = pb.MicroBatchComparison()
+        for c in row:
+            result = message.results.add(strategy=c.strategy, error=c.error)
+            if c.plan is not None:
+                result.plan.CopyFrom(plan_to_pb(c.plan))
+        rows.append(message)
+    return rows
+
+
+def comparisons_from_pb(
+    rows: Sequence[pb.MicroBatchComparison], *, validate: bool = True
+) -> tuple[tuple[Comparison, ...], ...]:
+    """Decode the ``comparisons`` of a :class:`CompareResponse`."""
+    return tuple(
+        tuple(
+            Comparison(
+                strategy=r.strategy,
+                plan=plan_from_pb(r.plan, validate=validate) if r.HasField("plan") else None,
+                error=r.error,
+            )
+            for r in row.results
+        )
+        for row in rows
+    )

@@ -1,0 +1,389 @@
+"""Plan execution on 2 and 4 gloo CPU processes: dispatch, KV exchange, cp_attention, agreement.
+
+One process group per group size runs every check (spawning costs seconds);
+each rank writes its results to a JSON file and the tests below assert them.
+References: the full packed tensors (exact checks), the planner's predicted
+bytes, and torch SDPA in float64 with a block-diagonal causal mask over the
+whole packed sequence. The kernels' torch path computes in float32, so
+outputs and gradients are compared with ``atol=ATOL, rtol=RTOL`` below.
+A run that does not finish within ``JOIN_TIMEOUT_S`` (a hung collective)
+fails the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+N_HEADS, N_KV_HEADS, HEAD_DIM = 4, 2, 8
+ATOL, RTOL = 2e-5, 1e-4
+"""float32 kernel arithmetic vs a float64 reference on O(1) inputs, sequences under 50 tokens."""
+TRITON_ATOL = 1e-4
+"""Triton kernels (float32, exp2, another summation order) under the interpreter vs the float64 reference."""
+JOIN_TIMEOUT_S = 120
+BATCHES = {2: (41, 1, 9, 14, 5, 2, 17), 4: (37, 1, 9, 14, 5, 2, 17, 3, 26)}
+STRATEGY_NAMES = ("zigzag", "contiguous", "per_doc", "whole_doc", "flashcp")
+EXTRA_COMM = (("per_doc", "exact_need"), ("zigzag", "exact_need"), ("flashcp", "sharding_aware"),
+              ("flashcp", "all_gather"), ("contiguous", "sharding_aware"))
+
+
+MOVING_PLANS = ("per_doc/exact_need", "zigzag/exact_need", "contiguous/sharding_aware", "sub_group/exact_need")
+"""Plans that must move KV without all-gather (so the exchange path is really exercised)."""
+
+
+def _backend() -> str:
+    return "auto" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _cost_model():
+    from flashcp_planner import CostModel
+
+    # Attention-dominated constants so that the FlashCP heuristic splits some of these short documents.
+    return CostModel(name="test-small", num_heads=N_HEADS, num_kv_heads=N_KV_HEADS, head_dim=HEAD_DIM,
+                     bytes_per_element=4, attention_segment_overhead_ms=0.0, intra_node_latency_ms=0.0,
+                     inter_node_latency_ms=0.0, attention_tflops=1e-3, gemm_tflops=1e3)
+
+
+def _request(lengths, n, strategy, comm, *, capacity=None):
+    from flashcp_planner import PlanOptions, PlanRequest
+
+    return PlanRequest(micro_batches=[list(lengths)], cp_size=n, cost_model=_cost_model(), strategy=strategy,
+                       capacity=capacity, options=PlanOptions(comm=comm))
+
+
+def _plan(lengths, n, strategy, comm=None):
+    from flashcp_planner import Infeasible, plan
+
+    try:
+        return plan(_request(lengths, n, strategy, comm))[0]
+    except Infeasible:
+        return plan(_request(lengths, n, strategy, comm, capacity=sum(lengths)))[0]
+
+
+def _sub_group_plan(lengths, n, comm):
+    """Doc 0 head-tail over ranks 1..n-1 (a sub-group), doc 1 per-doc, the rest whole round-robin."""
+    from flashcp_planner import ShardingKind
+    from flashcp_planner.layout import Layout, build_plan, head_tail_segments, sharding_of, whole
+
+    ctx = _request(lengths, n, "flashcp", comm, capacity=sum(lengths)).contexts()[0]
+    rank_segments = [[] for _ in range(n)]
+    documents = []
+    for doc, length in enumerate(lengths):
+        if doc < 2:
+            group = tuple(range(1, n)) if doc == 0 else tuple(range(n))
+            pieces = head_tail_segments(doc, length, group)
+            for r, seg in pieces:
+                rank_segments[r].append(seg)
+            kind = ShardingKind.SUB_GROUP if doc == 0 else ShardingKind.PER_DOC
+            documents.append(sharding_of(doc, group, pieces, kind))
+        else:
+            seg, sharding = whole(doc, length, doc % n)
+            rank_segments[doc % n].append(seg)
+            documents.append(sharding)
+    layout = Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents))
+    from flashcp_planner import CommMode
+
+    return build_plan(ctx, layout, strategy="flashcp", comm=CommMode(comm))
+
+
+def plans_for(n):
+    lengths = BATCHES[n]
+    plans = {f"{s}/default": _plan(lengths, n, s) for s in STRATEGY_NAMES}
+    plans.update({f"{s}/{c}": _plan(lengths, n, s, c) for s, c in EXTRA_COMM})
+    if n >= 3:
+        plans["sub_group/exact_need"] = _sub_group_plan(lengths, n, "exact_need")
+        plans["sub_group/all_gather"] = _sub_group_plan(lengths, n, "all_gather")
+    return plans
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_attention(lengths, q, k, v, dout):
+    """SDPA over the whole packed sequence, block-diagonal causal mask, float64: out, dq, dk, dv."""
+    import torch.nn.functional as F
+
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    doc = torch.cat([torch.full((x,), d) for d, x in enumerate(lengths)])
+    pos = torch.arange(doc.numel())
+    mask = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    groups = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q64.transpose(0, 1)[None], k64.repeat_interleave(groups, 1).transpose(0, 1)[None],
+        v64.repeat_interleave(groups, 1).transpose(0, 1)[None], attn_mask=mask,
+    )[0].transpose(0, 1)
+    out.backward(dout.double())
+    return out.detach(), q64.grad, k64.grad, v64.grad
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _checks(rank, n, record):
+    import torch.distributed as dist
+    from flashcp_client import (
+        CommStats,
+        PlanMismatchError,
+        cp_attention,
+        dispatch,
+        exchange_kv,
+        rank_layout,
+        undispatch,
+        verify_plan_agreement,
+    )
+
+    lengths = BATCHES[n]
+    total = sum(lengths)
+    gen = torch.Generator().manual_seed(1234)
+    q = torch.randn(total, N_HEADS, HEAD_DIM, generator=gen)
+    k = torch.randn(total, N_KV_HEADS, HEAD_DIM, generator=gen)
+    v = torch.randn(total, N_KV_HEADS, HEAD_DIM, generator=gen)
+    dout = torch.randn(total, N_HEADS, HEAD_DIM, generator=gen)
+    x = torch.randn(total, 3, dtype=torch.float64, generator=gen)
+    ref_out, ref_dq, ref_dk, ref_dv = reference_attention(lengths, q, k, v, dout)
+
+    plans = plans_for(n)
+    record("plans", True, {label: [d.kind.value for d in p.documents] for label, p in plans.items()})
+    for label, p in plans.items():
+        layout = rank_layout(p, rank)
+        cost = p.ranks[rank].cost
+        idx = layout.local_index
+        verify_plan_agreement(p, local_tokens=layout.num_local_tokens, total_tokens=total)
+
+        local_x = dispatch(x, p, rank).requires_grad_()
+        back = undispatch(local_x, p)
+        back.backward(torch.ones_like(back))
+        record(f"{label}/roundtrip", torch.equal(back, x) and torch.equal(local_x.grad, torch.full_like(local_x, n)),
+               "undispatch(dispatch(x)) == x; grad = n (one copy per rank)")
+
+        stats = CommStats()
+        recv_k, recv_v = exchange_kv(dispatch(k, p, rank), dispatch(v, p, rank), p, stats=stats)
+        record(f"{label}/received_kv",
+               torch.equal(recv_k, k[layout.recv_index]) and torch.equal(recv_v, v[layout.recv_index]),
+               f"{recv_k.shape[0]} rows")
+        record(f"{label}/bytes_exchange",
+               (stats.forward_recv_bytes, stats.forward_send_bytes) == (cost.recv_bytes, cost.send_bytes),
+               f"moved {stats.forward_recv_bytes}/{stats.forward_send_bytes}, "
+               f"planned {cost.recv_bytes}/{cost.send_bytes}")
+
+        ql, kl, vl = (dispatch(t, p, rank).requires_grad_() for t in (q, k, v))
+        stats = CommStats()
+        out = cp_attention(ql, kl, vl, p, backend=_backend(), stats=stats)
+        out.backward(dispatch(dout, p, rank))
+        full_out = undispatch(out.detach(), p)
+        errors = {
+            "out": (out.double() - ref_out[idx]).abs().max().item(),
+            "dq": (ql.grad.double() - ref_dq[idx]).abs().max().item(),
+            "dk": (kl.grad.double() - ref_dk[idx]).abs().max().item(),
+            "dv": (vl.grad.double() - ref_dv[idx]).abs().max().item(),
+        }
+        close = all(
+            torch.allclose(a.double(), b, atol=ATOL, rtol=RTOL)
+            for a, b in ((out, ref_out[idx]), (ql.grad, ref_dq[idx]), (kl.grad, ref_dk[idx]), (vl.grad, ref_dv[idx]),
+                         (full_out, ref_out))
+        )
+        record(f"{label}/attention", close, errors)
+        record(f"{label}/bytes_attention",
+               (stats.forward_recv_bytes, stats.forward_send_bytes, stats.backward_send_bytes,
+                stats.backward_recv_bytes) == (cost.recv_bytes, cost.send_bytes, cost.recv_bytes, cost.send_bytes),
+               f"fwd {stats.forward_recv_bytes}/{stats.forward_send_bytes} bwd {stats.backward_send_bytes}/"
+               f"{stats.backward_recv_bytes}, planned recv/send {cost.recv_bytes}/{cost.send_bytes}")
+        if label in MOVING_PLANS:
+            record(f"{label}/moves_kv", bool(p.transfers) and layout.group_has_transfers, "plan splits some document")
+
+    if n == 2:
+        _triton_interpreter_case(rank, n, record)
+
+    good, other = plans["flashcp/default"], plans["per_doc/default"]
+    try:
+        verify_plan_agreement(other if rank == 1 else good)
+        record("mismatch/fingerprint", False, "no error raised")
+    except PlanMismatchError as exc:
+        record("mismatch/fingerprint", exc.field == "fingerprint", str(exc))
+
+    right = good.ranks[rank].num_tokens
+    try:
+        verify_plan_agreement(good, local_tokens=right + 1 if rank == n - 1 else right)
+        record("mismatch/local_tokens", False, "no error raised")
+    except PlanMismatchError as exc:
+        record("mismatch/local_tokens", exc.field == ("local_tokens" if rank == n - 1 else "plan"), str(exc))
+
+    wrong_size = _plan(lengths, n + 1, "flashcp")
+    ql, kl, vl = (dispatch(t, good, rank) for t in (q, k, v))
+    calls = {
+        "cp_size/cp_attention": lambda: cp_attention(ql, kl, vl, wrong_size),
+        "cp_size/undispatch": lambda: undispatch(ql, wrong_size),
+        "cp_size/exchange_kv": lambda: exchange_kv(kl, vl, wrong_size),
+        "cp_size/verify": lambda: verify_plan_agreement(wrong_size),
+        "tokens/cp_attention": lambda: cp_attention(ql[:-1], kl[:-1], vl[:-1], good),
+        "tokens/cp_attention_k": lambda: cp_attention(ql, kl[:-1], vl[:-1], good),
+        "tokens/undispatch": lambda: undispatch(ql[1:], good),
+        "tokens/exchange_kv": lambda: exchange_kv(kl[1:], vl[1:], good),
+        "tokens/dispatch": lambda: dispatch(x[1:], good, rank),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            record(f"mismatch/{name}", False, "no error raised")
+        except PlanMismatchError as exc:
+            record(f"mismatch/{name}", True, str(exc))
+    # Had any call above entered a collective, the group would now be out of step.
+    fingerprint = verify_plan_agreement(good)
+    check = torch.tensor([1.0])
+    dist.all_reduce(check)
+    record("mismatch/group_still_in_step", fingerprint == good.fingerprint() and check.item() == n, "")
+
+
+def _triton_interpreter_case(rank, n, record):
+    """A small per-doc plan through the Triton kernels under the CPU interpreter (local and workspace segments)."""
+    from flashcp_client import cp_attention, dispatch, rank_layout
+
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernels are first imported
+    lengths = (19, 1, 6)
+    p = _plan(lengths, n, "per_doc", "exact_need")
+    gen = torch.Generator().manual_seed(99)
+    q, dout = (torch.randn(sum(lengths), 2, HEAD_DIM, generator=gen) for _ in range(2))
+    k, v = (torch.randn(sum(lengths), 1, HEAD_DIM, generator=gen) for _ in range(2))
+    refs = reference_attention(lengths, q, k, v, dout)
+    idx = rank_layout(p, rank).local_index
+    ql, kl, vl = (dispatch(t, p, rank).requires_grad_() for t in (q, k, v))
+    out = cp_attention(ql, kl, vl, p, backend="triton")
+    out.backward(dispatch(dout, p, rank))
+    got = (out, ql.grad, kl.grad, vl.grad)
+    errors = [(a.double() - b[idx]).abs().max().item() for a, b in zip(got, refs, strict=True)]
+    record("triton_interpret/attention", all(e <= TRITON_ATOL for e in errors), errors)
+
+
+def _worker(rank, n, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    results = {}
+
+    def record(name, ok, detail):
+        results[name] = {"ok": bool(ok), "detail": detail}
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
+                                timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+        _checks(rank, n, record)
+    except BaseException:  # report everything to the parent, which owns the assertions
+        results["fatal"] = {"ok": False, "detail": traceback.format_exc()}
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_group(n, out_dir):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch"])
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, n, port, str(out_dir)), daemon=True) for r in range(n)]
+    for proc in procs:
+        proc.start()
+    hung = []
+    for rank, proc in enumerate(procs):
+        proc.join(JOIN_TIMEOUT_S)
+        if proc.is_alive():
+            hung.append(rank)
+            proc.kill()
+            proc.join(5)
+    results = {}
+    for r in range(n):
+        path = Path(out_dir, f"rank{r}.json")
+        results[r] = json.loads(path.read_text()) if path.exists() else {}
+    return hung, results
+
+
+_CACHE: dict[int, tuple[list[int], dict]] = {}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2ranks", "4ranks"])
+def group_results(request, tmp_path_factory):
+    n = request.param
+    if n not in _CACHE:
+        _CACHE[n] = run_group(n, tmp_path_factory.mktemp(f"dist{n}"))
+    hung, results = _CACHE[n]
+    assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S}s (hung collective?)"
+    for rank, res in results.items():
+        assert res, f"rank {rank} wrote no results"
+        assert "fatal" not in res, f"rank {rank} crashed:\n{res['fatal']['detail']}"
+    return n, results
+
+
+def _assert_checks(group_results, suffix, minimum):
+    n, results = group_results
+    seen = 0
+    for rank, res in results.items():
+        for name, entry in res.items():
+            if name.endswith(suffix) or name.startswith(suffix):
+                seen += 1
+                assert entry["ok"], f"rank {rank} {name}: {entry['detail']}"
+    assert seen >= minimum * n, f"only {seen} '{suffix}' checks ran on {n} ranks"
+
+
+def test_every_strategy_planned(group_results):
+    n, results = group_results
+    labels = results[0]["plans"]["detail"]
+    for s in STRATEGY_NAMES:
+        assert f"{s}/default" in labels
+    if n >= 3:
+        assert "sub_group/exact_need" in labels
+
+
+def test_dispatch_undispatch_round_trip(group_results):
+    _assert_checks(group_results, "/roundtrip", len(STRATEGY_NAMES))
+
+
+def test_received_kv_equals_reference_rows(group_results):
+    _assert_checks(group_results, "/received_kv", len(STRATEGY_NAMES))
+
+
+def test_bytes_moved_equal_planner_prediction(group_results):
+    _assert_checks(group_results, "/bytes_exchange", len(STRATEGY_NAMES))
+    _assert_checks(group_results, "/bytes_attention", len(STRATEGY_NAMES))
+    _assert_checks(group_results, "/moves_kv", 2)
+
+
+def test_cp_attention_matches_sdpa_over_packed_sequence(group_results):
+    _assert_checks(group_results, "/attention", len(STRATEGY_NAMES))
+
+
+def test_triton_interpreter_case(group_results):
+    n, _ = group_results
+    if n != 2:
+        pytest.skip("the interpreter case runs in the 2-rank group only")
+    _assert_checks(group_results, "triton_interpret/attention", 1)
+
+
+def test_fingerprint_mismatch_raises_on_every_rank(group_results):
+    _assert_checks(group_results, "mismatch/fingerprint", 1)
+    _assert_checks(group_results, "mismatch/local_tokens", 1)
+
+
+def test_plan_batch_mismatch_raises_before_collectives(group_results):
+    _assert_checks(group_results, "mismatch/cp_size", 4)
+    _assert_checks(group_results, "mismatch/tokens", 5)
+    _assert_checks(group_results, "mismatch/group_still_in_step", 1)
