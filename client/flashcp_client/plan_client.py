@@ -32,6 +32,7 @@ from typing import Any
 
 from flashcp_planner import CostModel, Plan, PlanningError, PlanOptions, PlanRequest
 from flashcp_planner.presets import PRESETS, cost_model_from_dict, load_cost_model
+from flashcp_planner.strategies import STRATEGIES
 
 from flashcp_client.resilience import Backoff, BreakerPolicy, BreakerState, CircuitBreaker, call_with_retries
 from flashcp_client.sources import (
@@ -105,7 +106,8 @@ class PlannerClient:
         cost_model: default cost model: a :class:`CostModel`, preset name, JSON file path or dict.
         capacity_slack: default per-rank capacity slack.
         options: default :class:`~flashcp_planner.PlanOptions`.
-        timeout_s: limit of one remote attempt (connect + answer), seconds.
+        timeout_s: limit of one remote attempt (connect + answer), seconds; exact strategies get their
+            solver time limit on top (see :meth:`attempt_timeout_s`).
         retries: extra remote attempts after a transient failure.
         backoff: delays between attempts.
         fallback: plan in-process when the service is unavailable; if False, raise
@@ -280,7 +282,7 @@ class PlannerClient:
         self._count(requests=1)
         try:
             request.contexts()  # Infeasible is the caller's error: raise it before any network call.
-        except Exception:
+        except PlanningError:
             self._count(rejected=1)
             raise
         if self._remote is None:
@@ -288,11 +290,14 @@ class PlannerClient:
             self._count(embedded=1)
             return plans
         if not self._breaker.allow():
-            return self._fall_back(request, ServiceUnavailable(f"{self._remote.name}: circuit breaker open"),
-                                   count_error=False)
+            skipped = ServiceUnavailable(f"{self._remote.name}: circuit breaker open after repeated failures")
+            if not self.fallback:
+                raise skipped
+            return self._fall_back(request, skipped, count_error=False)
+        timeout_s = self.attempt_timeout_s(request)
         try:
             plans = call_with_retries(
-                lambda: self._remote.fetch(request, timeout_s=self.timeout_s),
+                lambda: self._remote.fetch(request, timeout_s=timeout_s),
                 retries=self.retries,
                 backoff=self.backoff,
                 rng=self._rng,
@@ -322,6 +327,14 @@ class PlannerClient:
         if self._set_degraded(False):
             logger.info("planner service %s is answering again; using remote plans", self._remote.name)
         return plans
+
+    def attempt_timeout_s(self, request: PlanRequest) -> float:
+        """Limit of one remote attempt for ``request``: ``timeout_s``, plus the solver time limit for exact
+        strategies (``optimum`` searches for up to ``options.time_limit_s`` on the server)."""
+        impl = STRATEGIES.get(request.strategy)
+        if impl is not None and impl.is_optimal:
+            return self.timeout_s + request.options.time_limit_s
+        return self.timeout_s
 
     def prefetch(
         self,

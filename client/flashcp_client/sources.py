@@ -134,8 +134,9 @@ def verify_plans(request: PlanRequest, plans: Sequence[Plan | Mapping[str, Any]]
     """Check that ``plans`` is exactly what ``request`` asked for, parsing dicts with :meth:`Plan.from_dict`.
 
     Every plan must be structurally valid (every token owned exactly once, capacity
-    respected, transfers consistent) and match its micro-batch: same document lengths,
-    CP size, strategy, cost model, per-rank capacity and communication mode.
+    respected, sharding records and transfers consistent with the segments) and match its
+    micro-batch: same document lengths, CP size, strategy, cost model name, per-rank capacity
+    and communication mode. The predicted costs are the service's and are not re-derived.
 
     Raises:
         InvalidServiceResponse: anything else, naming the first mismatch.
@@ -158,7 +159,7 @@ def verify_plans(request: PlanRequest, plans: Sequence[Plan | Mapping[str, Any]]
                 plan = Plan.from_dict(raw)
             else:
                 raise InvalidRequest("plan", f"expected a JSON object, got {type(raw).__name__}")
-        except InvalidRequest as exc:
+        except (InvalidRequest, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             raise InvalidServiceResponse(f"{source}: plans[{i}] is not a valid plan: {exc}") from None
         mismatches = [
             (name, got, want)
@@ -346,7 +347,7 @@ class GrpcSource:
         plans = []
         for i, message in enumerate(reply.plans):
             try:
-                plans.append(codec.plan_from_pb(message, validate=True))
+                plans.append(codec.plan_from_pb(message, validate=False))  # verify_plans validates
             except (InvalidRequest, ValueError, TypeError, KeyError) as exc:
                 raise InvalidServiceResponse(f"{self.name}: plans[{i}] is not a valid plan: {exc}") from None
         return verify_plans(request, plans, source=self.name)

@@ -4,8 +4,10 @@ Main API: :class:`SegmentMeta` describes which query rows attend to which key
 rows; :func:`segment_attention` is differentiable; :func:`segment_attention_forward`
 / :func:`segment_attention_backward` are the raw passes (used by the CP executor);
 :func:`segment_attention_ref` is the plain-torch reference. Triton is imported
-only when a Triton backend is first used, so ``TRITON_INTERPRET`` may be set
-any time before that.
+only when a Triton backend is first used, and kernels are wrapped with
+``triton.jit`` per interpreter mode at call time, so ``TRITON_INTERPRET`` may be
+set any time. Tools: ``flashcp_kernels.profile`` (``flashcp profile``) and
+``python -m flashcp_kernels.compile_check`` (compile for sm_90 without a GPU).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -56,6 +57,10 @@ class SegmentMeta:
         for i, (qs, ql, qp, ks) in enumerate(rows):
             if min(qs, ql, qp, ks) < 0:
                 raise ValueError(f"SegmentMeta segment {i}: q_start, q_len, q_pos, k_start must be >= 0")
+        spans = sorted((qs, qs + ql, i) for i, (qs, ql, _, _) in enumerate(rows) if ql > 0)
+        for (_, end, i), (start, _, j) in pairwise(spans):
+            if start < end:
+                raise ValueError(f"SegmentMeta segments {i} and {j}: query rows overlap (each row has one segment)")
         object.__setattr__(self, "host", rows)
         max_q = max((r[1] for r in rows), default=0)
         max_k = max((r[1] + r[2] for r in rows), default=0)

@@ -15,7 +15,8 @@ costs. Measured:
   is written as 0.
 * ``attention_backward_ratio``: backward / forward time at the longest length.
 * ``gemm_tflops``: ``torch.matmul`` of [tokens, hidden] x [hidden, ffn].
-* with ``torch.distributed`` initialised and world size > 1: ``all_gather``
+* with ``torch.distributed`` initialised (or ``--distributed`` under torchrun)
+  and world size > 1: ``all_gather``
   per-GPU receive bandwidth and small-message latency (intra-node when the
   whole group is on one node, else inter-node). Otherwise the base preset's
   network numbers are kept.
@@ -57,6 +58,9 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, default=10, metavar="R", help="timed repetitions (default: %(default)s)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                         help="segment-attention backend to measure (default: %(default)s = triton on a GPU)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="initialise torch.distributed from torchrun's environment (nccl on cuda, gloo on cpu) "
+                             "and also measure all_gather; rank 0 writes the file")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes and few repetitions (checks the pipeline, numbers are meaningless)")
 
@@ -150,18 +154,25 @@ def _network(device: torch.device, quick: bool, reps: int) -> dict[str, float]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return {}
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     world = dist.get_world_size()
     numel = (1 << 12) if quick else (1 << 25)  # 64 MiB of bf16 per rank when measuring for real
     small = torch.zeros(world, dtype=torch.bfloat16, device=device)
     big = torch.zeros(numel, dtype=torch.bfloat16, device=device)
     small_out = torch.empty(world * world, dtype=torch.bfloat16, device=device)
     big_out = torch.empty(world * numel, dtype=torch.bfloat16, device=device)
-    latency_ms = benchmark_ms(lambda: dist.all_gather_into_tensor(small_out, small), device=device, reps=reps)
-    ms = benchmark_ms(lambda: dist.all_gather_into_tensor(big_out, big), device=device, reps=reps)
-    gbps = (world - 1) * numel * 2 / max(ms - latency_ms, 1e-6) / 1e6
+    latency_ms = benchmark_ms(lambda: all_gather(small_out, small), device=device, reps=reps)
+    ms = benchmark_ms(lambda: all_gather(big_out, big), device=device, reps=reps)
+    gbps = (world - 1) * numel * 2 / (ms * 1e6)  # bytes each rank receives per second, latency included
     one_node = device.type == "cuda" and world <= torch.cuda.device_count()
     prefix = "intra_node" if one_node else "inter_node"
     return {f"{prefix}_gbps": gbps, f"{prefix}_latency_ms": latency_ms}
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _sig(x: float) -> float:
@@ -182,7 +193,7 @@ def run_profile(args: argparse.Namespace) -> int:
         InvalidRequest: bad option (no CUDA for ``--device cuda``, unknown preset, non-positive sizes).
     """
     from flashcp_planner.errors import InvalidRequest
-    from flashcp_planner.presets import cost_model_from_dict, cost_model_to_dict, get_preset
+    from flashcp_planner.presets import get_preset
 
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
@@ -190,7 +201,32 @@ def run_profile(args: argparse.Namespace) -> int:
     for field in ("total_tokens", "reps"):
         if getattr(args, field) < 1:
             raise InvalidRequest(field, f"must be >= 1, got {getattr(args, field)}")
+    if args.base is not None:
+        get_preset(args.base)  # unknown preset -> InvalidRequest before any measurement
     device = torch.device(device_name)
+    if not args.distributed:
+        return _profile(args, device)
+
+    import os
+
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _profile(args, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _profile(args: argparse.Namespace, device: torch.device) -> int:
+    from flashcp_planner.presets import cost_model_from_dict, cost_model_to_dict, get_preset
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     base_name = args.base or ("h200-llama8b" if "H200" in gpu else "h100-llama8b")
     cfg = cost_model_to_dict(get_preset(base_name))
@@ -220,6 +256,8 @@ def run_profile(args: argparse.Namespace) -> int:
     if math.isfinite(bwd_ratio) and bwd_ratio > 0:
         data["attention_backward_ratio"] = _sig(bwd_ratio)
     cost_model_from_dict(data)  # the planner must accept what we write
+    if not _is_rank_zero():
+        return 0
     Path(args.output).write_text(json.dumps(data, indent=2) + "\n")
 
     print(f"device {gpu}, dtype {str(dtype).removeprefix('torch.')}, heads {shape['num_heads']}/"

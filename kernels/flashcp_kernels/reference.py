@@ -1,8 +1,9 @@
 """Plain-torch segment attention (forward and explicit backward).
 
 The reference for the Triton kernels and the ``backend="torch"`` path. Each
-segment is computed separately with an explicit causal mask, in chunks of at
-most ``_QUERY_CHUNK`` queries to bound memory at ``H x chunk x keys`` scores.
+segment is computed separately with an explicit causal mask, in query chunks
+sized so that one chunk's ``H x chunk x keys`` scores stay under
+``_SCORE_ELEMENTS`` (at most ``_QUERY_CHUNK`` queries).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flashcp_kernels.meta import SegmentMeta
 __all__ = ["segment_attention_ref", "segment_attention_backward_ref", "check_inputs"]
 
 _QUERY_CHUNK = 1024
+_SCORE_ELEMENTS = 1 << 26
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: SegmentMeta) -> None:
@@ -33,8 +35,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Segmen
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device")
-    if meta.device.type != q.device.type:
-        raise ValueError(f"meta tensors are on {meta.device}, q is on {q.device}")
+    if meta.device != q.device:
+        raise ValueError(f"meta tensors are on {meta.device}, q is on {q.device} (use meta.to(q.device))")
     meta.check_shapes(q.shape[0], k.shape[0])
 
 
@@ -42,11 +44,12 @@ def _scale(softmax_scale: float | None, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
 
 
-def _segment_blocks(meta: SegmentMeta):
+def _segment_blocks(meta: SegmentMeta, num_heads: int):
     """Yield (q_row, num_q, first_key_row, num_keys, first_query_pos) per query chunk of every segment."""
     for qs, ql, qp, ks in meta.host:
-        for c in range(0, ql, _QUERY_CHUNK):
-            n = min(_QUERY_CHUNK, ql - c)
+        chunk = max(1, min(_QUERY_CHUNK, _SCORE_ELEMENTS // (num_heads * max(1, qp + ql))))
+        for c in range(0, ql, chunk):
+            n = min(chunk, ql - c)
             yield qs + c, n, ks, qp + c + n, qp + c
 
 
@@ -89,7 +92,7 @@ def segment_attention_ref(
     compute = torch.float32 if upcast else q.dtype
     out = torch.zeros(q.shape, dtype=compute, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    for q_row, n, k_row, num_keys, first_pos in _segment_blocks(meta):
+    for q_row, n, k_row, num_keys, first_pos in _segment_blocks(meta, q.shape[1]):
         q_blk = q[q_row:q_row + n].to(compute)
         k_blk = k[k_row:k_row + num_keys].to(compute)
         v_blk = v[k_row:k_row + num_keys].to(compute)
@@ -130,7 +133,7 @@ def segment_attention_backward_ref(
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     delta = (dout.float() * out.float()).sum(-1)  # [Tq, H]
-    for q_row, n, k_row, num_keys, first_pos in _segment_blocks(meta):
+    for q_row, n, k_row, num_keys, first_pos in _segment_blocks(meta, q.shape[1]):
         q_blk = q[q_row:q_row + n].float()
         do_blk = dout[q_row:q_row + n].float()
         k_blk = k[k_row:k_row + num_keys].float()

@@ -28,6 +28,9 @@ from flashcp_planner.model import KVTransfer, RankCost, Segment
 
 __all__ = ["CostModel", "rank_costs", "lower_bound_ms"]
 
+_WHOLE_CACHE_SIZE = 1 << 16
+"""Distinct document lengths memoised per cost model (bounded memory in long-running services)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CostModel:
@@ -78,6 +81,9 @@ class CostModel:
 
     _eff_log_q: tuple[float, ...] = field(init=False, repr=False, compare=False)
     _eff_val: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _whole_cache: dict[int, float] = field(init=False, repr=False, compare=False, default_factory=dict)
+    """Memo of ``attention_ms(0, length)`` (a pure function of the constants): whole documents are scored by
+    the strategies and again by the evaluator, and lengths recur across micro-batches."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "head_dim",
@@ -96,19 +102,23 @@ class CostModel:
             raise InvalidRequest("cost_model.num_kv_heads", "must divide num_heads")
         points = self.attention_efficiency
         if not isinstance(points, (tuple, list)) or not points:
-            raise InvalidRequest("cost_model.attention_efficiency", "must be a non-empty list of [query_tokens, efficiency]")
+            raise InvalidRequest("cost_model.attention_efficiency",
+                                 "must be a non-empty list of [query_tokens, efficiency]")
         log_q, vals = [], []
         for i, point in enumerate(points):
             if not isinstance(point, (tuple, list)) or len(point) != 2:
-                raise InvalidRequest(f"cost_model.attention_efficiency[{i}]", "must be a pair [query_tokens, efficiency]")
+                raise InvalidRequest(f"cost_model.attention_efficiency[{i}]",
+                                     "must be a pair [query_tokens, efficiency]")
             q, eff = point
             if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-                raise InvalidRequest(f"cost_model.attention_efficiency[{i}][0]", f"must be a positive integer, got {q!r}")
+                raise InvalidRequest(f"cost_model.attention_efficiency[{i}][0]",
+                                     f"must be a positive integer, got {q!r}")
             _check_float(f"attention_efficiency[{i}][1]", eff, positive=True)
             if eff > 1.0:
                 raise InvalidRequest(f"cost_model.attention_efficiency[{i}][1]", f"must be in (0, 1], got {eff}")
             if log_q and math.log2(q) <= log_q[-1]:
-                raise InvalidRequest(f"cost_model.attention_efficiency[{i}][0]", "query_tokens must be strictly increasing")
+                raise InvalidRequest(f"cost_model.attention_efficiency[{i}][0]",
+                                     "query_tokens must be strictly increasing")
             log_q.append(math.log2(q))
             vals.append(float(eff))
         object.__setattr__(self, "attention_efficiency", tuple((int(q), float(e)) for q, e in points))
@@ -127,7 +137,8 @@ class CostModel:
         """Forward + backward GEMM time of one token through one layer."""
         q_dim = self.num_heads * self.head_dim
         kv_dim = self.num_kv_heads * self.head_dim
-        macs = self.hidden_size * (q_dim + 2 * kv_dim) + q_dim * self.hidden_size + 3 * self.hidden_size * self.ffn_hidden_size
+        macs = (self.hidden_size * (q_dim + 2 * kv_dim) + q_dim * self.hidden_size
+                + 3 * self.hidden_size * self.ffn_hidden_size)
         return 2.0 * macs * (1.0 + self.linear_backward_ratio) / (self.gemm_tflops * 1e9)
 
     def efficiency(self, query_tokens: int) -> float:
@@ -144,10 +155,17 @@ class CostModel:
 
     def attention_ms(self, start: int, end: int) -> float:
         """Forward + backward attention time of queries ``[start, end)`` of one document."""
+        if start == 0:
+            cached = self._whole_cache.get(end)
+            if cached is not None:
+                return cached
         pairs = (end * (end + 1) - start * (start + 1)) // 2
         flops = 4.0 * pairs * self.num_heads * self.head_dim
         fwd = self.attention_segment_overhead_ms + flops / (self.attention_tflops * 1e9 * self.efficiency(end - start))
-        return fwd * (1.0 + self.attention_backward_ratio)
+        ms = fwd * (1.0 + self.attention_backward_ratio)
+        if start == 0 and len(self._whole_cache) < _WHOLE_CACHE_SIZE:
+            self._whole_cache[end] = ms
+        return ms
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""

@@ -93,7 +93,7 @@ def run_comparison(
     for name in strategies:
         get_strategy(name)
     references = [r for r in REFERENCE_STRATEGIES if r in STRATEGIES]
-    notes: list[str] = []
+    skipped: dict[str, list[int]] = {}
     out = []
     for index, lengths in enumerate(request.micro_batches):
         single = dataclasses.replace(request, micro_batches=(lengths,))
@@ -101,7 +101,7 @@ def run_comparison(
         for name in [*strategies, *(r for r in references if r not in strategies)]:
             if not explicit and STRATEGIES[name].is_optimal and len(lengths) > OPTIMUM_MAX_DOCS:
                 note = f"{len(lengths)} documents > {OPTIMUM_MAX_DOCS}; name it in --strategies to run it anyway"
-                notes.append(f"micro-batch {index}: skipped {name}: {note}")
+                skipped.setdefault(name, []).append(index)
                 runs[name] = StrategyResult(strategy=name, plan=None, status="skipped", note=note)
             else:
                 (row,) = compare(single, [name])
@@ -122,6 +122,9 @@ def run_comparison(
                 capacity=ctx.capacity,
             )
         )
+    notes = [f"skipped {name} on {len(indices)} of {len(out)} micro-batch(es) with more than {OPTIMUM_MAX_DOCS} "
+             f"documents (e.g. micro-batch {indices[0]}); name it in --strategies to run it anyway"
+             for name, indices in skipped.items()]
     return out, notes
 
 
@@ -278,7 +281,7 @@ def _comparison_rows(mb: MicroBatchComparison) -> list[list[str]]:
         note = ""
         if "optimality" in m:
             o = m["optimality"]
-            note = f"{o['status']}, heuristic gap {o['heuristic_gap']:+.2%}"
+            note = f"{o['status']} (bound {_ms(o['bound_ms'])}), heuristic gap {o['heuristic_gap']:+.2%}"
         rows.append([result.strategy, m["comm"], _ms(m["makespan_ms"]), _x(m["speedup_vs_per_doc"]),
                      _x(m["speedup_vs_zigzag"]), f"{m['ratio_to_lower_bound']:.3f}", _mib(m["comm_bytes_total"]),
                      _mib(m["comm_bytes_max_rank"]), note])

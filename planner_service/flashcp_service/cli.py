@@ -47,7 +47,8 @@ _FLAGS = (
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``serve`` flags to ``parser``; every flag defaults to the environment / built-in value."""
     for flag, dest, kind, help_text in _FLAGS:
-        parser.add_argument(flag, dest=f"serve_{dest}", type=kind, default=None, help=help_text)
+        metavar = {int: "N", float: "SECONDS" if dest.endswith("_s") else "X", str: dest.upper()}[kind]
+        parser.add_argument(flag, dest=f"serve_{dest}", type=kind, default=None, metavar=metavar, help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

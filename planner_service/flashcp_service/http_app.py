@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from flashcp_planner import __version__ as planner_version
 from flashcp_planner.errors import PlanningError
 from flashcp_planner.presets import cost_model_to_dict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashcp_service.access_log import REQUEST_ID_HEADER, RequestRecord, request_id_from
 from flashcp_service.errors import ErrorInfo, ErrorKind, RequestTooLarge, ServiceError, classify
@@ -200,6 +201,18 @@ def create_app(service: PlannerService) -> Any:
     @api.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         response = _validation_response(exc)
+        _note_error(request, response)
+        return response
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Raised by FastAPI/Starlette themselves: unparsable body (400), unknown path (404), wrong method (405).
+        code = "malformed_json" if exc.status_code == 400 else "http_error"
+        response = JSONResponse(
+            {"error": {"code": code, "field": "", "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
         _note_error(request, response)
         return response
 

@@ -53,10 +53,11 @@ class CostModelBody(_Strict):
     bytes_per_element: PositiveInt | None = None
     gemm_tflops: PositiveFloat | None = None
     attention_tflops: PositiveFloat | None = None
+    # Pairs are lists of two numbers, not tuples: OpenAPI tools mishandle ``prefixItems``.
+    # The core checks that query_tokens is a positive integer and efficiency in (0, 1].
     attention_efficiency: (
-        Annotated[
-            list[tuple[PositiveInt, Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]]], Field(min_length=1)
-        ]
+        Annotated[list[Annotated[list[PositiveInt | PositiveFloat], Field(min_length=2, max_length=2)]],
+                  Field(min_length=1)]
         | None
     ) = Field(default=None, description="[query_tokens, efficiency] points, query_tokens strictly increasing.")
     attention_segment_overhead_ms: NonNegativeFloat | None = None
@@ -153,7 +154,9 @@ class CompareBody(_RequestBody):
 
 class RankJSON(BaseModel):
     rank: int
-    segments: list[tuple[int, int, int]] = Field(description="[doc, start, end] in local order.")
+    segments: list[Annotated[list[int], Field(min_length=3, max_length=3)]] = Field(
+        description="[doc, start, end] in local order."
+    )
     tokens: int
     linear_ms: float
     attention_ms: float
@@ -193,7 +196,9 @@ class PlanJSON(BaseModel):
     lower_bound_ms: float
     ranks: list[RankJSON]
     documents: list[DocumentJSON]
-    transfers: list[tuple[int, int, int, int, int]] = Field(description="[src, dst, doc, start, end].")
+    transfers: list[Annotated[list[int], Field(min_length=5, max_length=5)]] = Field(
+        description="[src, dst, doc, start, end]."
+    )
     optimality: OptimalityJSON | None = None
 
 
@@ -215,8 +220,32 @@ class CompareResponseModel(BaseModel):
     comparisons: list[ComparisonJSON] = Field(description="One entry per micro-batch.")
 
 
+class CostModelJSON(BaseModel):
+    """A cost model in the JSON cost-model file form (every field)."""
+
+    name: str
+    hidden_size: int
+    ffn_hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    bytes_per_element: int
+    gemm_tflops: float
+    attention_tflops: float
+    attention_efficiency: list[Annotated[list[float], Field(min_length=2, max_length=2)]]
+    attention_segment_overhead_ms: float
+    linear_backward_ratio: float
+    attention_backward_ratio: float
+    gpus_per_node: int
+    intra_node_gbps: float
+    inter_node_gbps: float
+    intra_node_latency_ms: float
+    inter_node_latency_ms: float
+    overlap_fraction: float
+
+
 class CostModelsResponseModel(BaseModel):
-    cost_models: list[dict[str, str | int | float | list[tuple[int, float]]]]
+    cost_models: list[CostModelJSON]
     default_cost_model: str
 
 

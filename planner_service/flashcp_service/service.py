@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import multiprocessing
+import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import ClassVar
 
 import flashcp_planner
 from flashcp_planner.cost import CostModel
+from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import Plan
 from flashcp_planner.planner import Comparison
 from flashcp_planner.presets import PRESETS, get_preset
 from flashcp_planner.request import PlanRequest
 from flashcp_planner.strategies import STRATEGIES, Strategy, get_strategy
 
-from flashcp_service.errors import DeadlineExceeded, Overloaded, RequestTooLarge, ServiceError, ShuttingDown
+from flashcp_service.errors import DeadlineExceeded, Overloaded, RequestTooLarge, ShuttingDown
 from flashcp_service.metrics import ServiceMetrics
 from flashcp_service.settings import Settings
 
@@ -41,16 +46,25 @@ def _solve_in_worker(request: PlanRequest, strategies: tuple[str, ...] | None, c
     return flashcp_planner.plan(request)
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:  # the loop is closed: the service is gone
-        pass
+def _init_worker(memory_bytes: int) -> None:
+    """Solver-process initializer: cap the address space, import the core before the first job."""
+    if memory_bytes:
+        import resource
 
-
-def _warm_worker() -> None:
-    """Solver-process initializer: import the core (and the exact strategy) before the first job."""
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     import flashcp_planner.strategies  # noqa: F401
+
+
+def _check_finite(plan: Plan) -> None:
+    """Extreme cost-model constants (e.g. 1e-300 TFLOP/s) overflow the predicted times."""
+    values = [plan.makespan_ms, plan.lower_bound_ms]
+    for rp in plan.ranks:
+        c = rp.cost
+        values += (c.linear_ms, c.attention_ms, c.comm_ms, c.exposed_comm_ms)
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidRequest(
+            "cost_model", "its constants make the predicted times overflow (not finite); use realistic values"
+        )
 
 
 class PlannerService:
@@ -72,6 +86,9 @@ class PlannerService:
         InvalidRequest: ``settings.default_cost_model`` is not a preset.
     """
 
+    solver_entry: ClassVar[Callable] = staticmethod(_solve_in_worker)
+    """Module-level function the solver processes run (tests substitute a gated one)."""
+
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings if settings is not None else Settings()
         self.default_cost_model = get_preset(self.settings.default_cost_model)
@@ -80,7 +97,11 @@ class PlannerService:
             max_workers=self.settings.heuristic_threads, thread_name_prefix="flashcp-plan"
         )
         self._solver_pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
         self._solver_jobs = 0
+        """Admitted exact searches: waiting for a worker, running, or orphaned but still running."""
+        self._workers_busy = 0
+        self._waiters: deque[asyncio.Future] = deque()
         self._accepting = True
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
 
@@ -166,6 +187,7 @@ class PlannerService:
         else:
             plans = await self._heuristic(flashcp_planner.plan, request)
         for p in plans:
+            _check_finite(p)
             self.metrics.observe_plan(p)
         return plans
 
@@ -192,6 +214,7 @@ class PlannerService:
         for row in rows:
             for c in row:
                 if c.plan is not None:
+                    _check_finite(c.plan)
                     self.metrics.observe_plan(c.plan)
         return rows
 
@@ -218,38 +241,100 @@ class PlannerService:
             self._solver_pool = ProcessPoolExecutor(
                 max_workers=self.settings.solver_workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_warm_worker,
+                initializer=_init_worker,
+                initargs=(self.settings.solver_memory_bytes,),
             )
         return self._solver_pool
 
-    def _release_solver_slot(self, _future: Future) -> None:
-        self._solver_jobs -= 1
+    # A worker permit is held from submission until the search really ends, even
+    # when its caller has left, so at most ``solver_workers`` searches ever sit in
+    # the executor and every waiting search is still cancellable (the executor
+    # itself marks queued calls as running and will not cancel them).
+
+    async def _acquire_worker(self) -> None:
+        with self._lock:
+            if self._workers_busy < self.settings.solver_workers:
+                self._workers_busy += 1
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                    raise
+            if not waiter.cancelled():  # granted just before the cancel: pass the permit on
+                self._release_worker()
+            raise  # (a grant still in flight sees the cancelled waiter and passes it on itself)
+
+    def _grant(self, waiter: asyncio.Future) -> None:
+        if waiter.done():
+            self._release_worker()
+        else:
+            waiter.set_result(None)
+
+    def _release_worker(self) -> None:
+        with self._lock:
+            if not self._waiters:
+                self._workers_busy -= 1
+                return
+            waiter = self._waiters.popleft()
+        try:
+            waiter.get_loop().call_soon_threadsafe(self._grant, waiter)
+        except RuntimeError:  # the waiter's loop is closed: nobody waits there any more
+            self._release_worker()
+
+    def _search_ended(self, _future: Future) -> None:
+        with self._lock:
+            self._solver_jobs -= 1
+        self._release_worker()
 
     async def _solve(self, request, strategies, *, compare: bool, time_remaining_s: float | None):
+        loop = asyncio.get_running_loop()
+        deadline = None if time_remaining_s is None else loop.time() + time_remaining_s
         capacity = self.settings.solver_workers + self.settings.solver_queue
-        if self._solver_jobs >= capacity:
+        with self._lock:
+            admitted = self._solver_jobs < capacity
+            if admitted:
+                self._solver_jobs += 1
+        if not admitted:
             self.metrics.solver_rejections.inc()
             raise Overloaded(
                 f"all {capacity} solver slots are busy ({self.settings.solver_workers} running, "
                 f"{self.settings.solver_queue} queued); retry later or use a heuristic strategy"
             )
-        request = self._bounded_time_limit(request, time_remaining_s)
-        loop = asyncio.get_running_loop()
         try:
-            future = self._pool().submit(_solve_in_worker, request, strategies, compare)
-        except BrokenProcessPool:
-            self._solver_pool = None
-            future = self._pool().submit(_solve_in_worker, request, strategies, compare)
-        self._solver_jobs += 1
-        # The slot is freed when the search really ends, even if its caller left.
-        future.add_done_callback(lambda f: _call_soon(loop, self._release_solver_slot, f))
+            await self._acquire_worker()
+        except BaseException:
+            with self._lock:
+                self._solver_jobs -= 1
+            raise
+        try:
+            remaining = None if deadline is None else deadline - loop.time()
+            request = self._bounded_time_limit(request, remaining)
+            try:
+                future = self._pool().submit(self.solver_entry, request, strategies, compare)
+            except BrokenProcessPool:
+                self._solver_pool = None
+                future = self._pool().submit(self.solver_entry, request, strategies, compare)
+        except BaseException:
+            with self._lock:
+                self._solver_jobs -= 1
+            self._release_worker()
+            raise
+        future.add_done_callback(self._search_ended)
         timeout = request.options.time_limit_s * len(request.micro_batches) + _SOLVER_GRACE_S
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), timeout=timeout)
         except TimeoutError:
-            future.cancel()
             raise DeadlineExceeded(f"the exact search did not finish within {timeout:.1f} s") from None
         except BrokenProcessPool:
-            _log.error("solver process died; starting a new pool")
+            _log.error("a solver process died (memory limit %d bytes); starting a new pool",
+                       self.settings.solver_memory_bytes)
             self._solver_pool = None
-            raise ServiceError("the solver process died; retry") from None
+            raise RequestTooLarge(
+                "the exact search died, most likely over the solver memory limit; "
+                "use fewer documents or a heuristic strategy"
+            ) from None

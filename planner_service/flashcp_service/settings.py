@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     solver_queue: int = Field(default=2, ge=0)
     """Exact searches allowed to wait for a solver process; more are refused
     with RESOURCE_EXHAUSTED / HTTP 429."""
+    solver_memory_bytes: int = Field(default=4 * 1024**3, ge=0)
+    """Address-space limit of each solver process (0: none). A search that
+    exceeds it fails alone (RESOURCE_EXHAUSTED / 413), not the sidecar or its trainer."""
     heuristic_threads: int = Field(default=4, ge=1)
     """Threads planning large heuristic requests, so the event loop stays responsive."""
     inline_max_documents: int = Field(default=2048, ge=0)

@@ -3,6 +3,7 @@ retries, the breaker, logging, pickling and prefetch. Only 127.0.0.1 traffic, no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -161,6 +162,13 @@ def test_infeasible_request_is_raised_locally(server: ScriptedServer) -> None:
 def test_malformed_addresses_are_rejected(address: str) -> None:
     with pytest.raises(ValueError, match="address"):
         PlannerClient(address)
+
+
+def test_exact_strategies_get_their_solver_time_on_top_of_the_timeout() -> None:
+    client = PlannerClient(timeout_s=2.0)
+    assert client.attempt_timeout_s(client.make_request([[10]], cp_size=2)) == 2.0
+    exact = client.make_request([[10]], cp_size=2, strategy="optimum", options=fp.PlanOptions(time_limit_s=30.0))
+    assert client.attempt_timeout_s(exact) == 32.0
 
 
 @pytest.mark.parametrize("kwargs, field", [({"timeout_s": 0}, "timeout_s"), ({"retries": -1}, "retries"),
@@ -334,10 +342,20 @@ def test_without_fallback_service_failure_raises(server: ScriptedServer) -> None
     with pytest.raises(ServiceUnavailable, match="HTTP 500"):
         client.plan(BATCHES, cp_size=4)
     assert server.hits == 2
+    # The breaker (threshold 3) opens after two more failed calls; then calls are refused without a request.
+    with pytest.raises(ServiceUnavailable):
+        client.plan(BATCHES, cp_size=4)
+    with pytest.raises(ServiceUnavailable):
+        client.plan(BATCHES, cp_size=4)
+    hits = server.hits
+    with pytest.raises(ServiceUnavailable, match="circuit breaker open"):  # open: raised without a call
+        client.plan(BATCHES, cp_size=4)
+    assert server.hits == hits
+    assert client.stats.fallbacks == 0
     # fallback=False also turns off the bad-response fallback.
     server.responder = GARBAGE["invalid_json"][0]
     with pytest.raises(InvalidServiceResponse):
-        client.plan(BATCHES, cp_size=4)
+        http_client(server, fallback=False).plan(BATCHES, cp_size=4)
 
 
 def test_breaker_opens_skips_the_service_and_recovers_after_reset(server: ScriptedServer) -> None:
@@ -385,6 +403,26 @@ def test_fallback_warns_once_per_transition_not_per_call(
     assert client.stats.fallbacks == 5
 
 
+def test_concurrent_calls_share_one_client(server: ScriptedServer) -> None:
+    server.responder = lambda body: ok(plan_with_core(body))
+    client = http_client(server)
+    steps = [[[64 * (i + 1), 100 + i], [300]] for i in range(12)]
+    results: dict[int, tuple[fp.Plan, ...]] = {}
+
+    def work(indices: range) -> None:
+        for i in indices:
+            results[i] = client.plan(steps[i], cp_size=2)
+
+    threads = [threading.Thread(target=work, args=(range(k, 12, 3),)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i] == embedded(steps[i], 2) for i in range(12))
+    stats = client.stats
+    assert (stats.requests, stats.remote_ok, stats.fallbacks) == (12, 12, 0)
+
+
 def test_client_pickles_as_configuration(server: ScriptedServer) -> None:
     server.responder = lambda body: ok(plan_with_core(body))
     client = http_client(server, strategy="per_doc", retries=1)
@@ -413,6 +451,140 @@ def test_from_env_reads_flashcp_variables(monkeypatch: pytest.MonkeyPatch, serve
     monkeypatch.setenv("FLASHCP_PLANNER_FALLBACK", "maybe")
     with pytest.raises(ValueError, match="FLASHCP_PLANNER_FALLBACK"):
         PlannerClient.from_env()
+    monkeypatch.setenv("FLASHCP_PLANNER_FALLBACK", "1")
+    for bad in ("0", "-2", "nan", "soon"):
+        monkeypatch.setenv("FLASHCP_PLANNER_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="FLASHCP_PLANNER_TIMEOUT_S"):
+            PlannerClient.from_env()
+    monkeypatch.setenv("FLASHCP_PLANNER_TIMEOUT_S", "2")
+    monkeypatch.setenv("FLASHCP_PLANNER_ADDRESS", "tcp://nowhere")
+    with pytest.raises(ValueError, match="address"):
+        PlannerClient.from_env()
+    for name in ("FLASHCP_PLANNER_ADDRESS", "FLASHCP_PLANNER_TIMEOUT_S", "FLASHCP_PLANNER_RETRIES",
+                 "FLASHCP_PLANNER_FALLBACK", "FLASHCP_PLANNER_STRATEGY"):
+        monkeypatch.delenv(name)
+    default = PlannerClient.from_env()
+    assert (default.source_name, default.timeout_s, default.retries, default.fallback, default.strategy) == (
+        "embedded", 5.0, 2, True, "flashcp")
+
+
+# ---------------------------------------------------------------- gRPC source, scripted server
+
+
+class ScriptedGrpcServer:
+    """A local gRPC Planner whose ``Plan`` behaviour is set by the test: ``handler(request_pb, context)``."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from flashcp.v1 import planner_pb2_grpc
+
+        outer = self
+        self.hits = 0
+        self.handler: Callable[[Any, Any], Any] = lambda request, context: None
+
+        class Servicer(planner_pb2_grpc.PlannerServicer):
+            def Plan(self, request: Any, context: Any) -> Any:  # noqa: N802
+                outer.hits += 1
+                return outer.handler(request, context)
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        planner_pb2_grpc.add_PlannerServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.address = f"grpc://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.stop(grace=None)
+
+
+@pytest.fixture
+def grpc_server() -> Iterator[ScriptedGrpcServer]:
+    s = ScriptedGrpcServer()
+    yield s
+    s.close()
+
+
+def grpc_reply(mutate: Callable[[list[fp.Plan]], list[fp.Plan]] | None = None) -> Callable[[Any, Any], Any]:
+    from flashcp import codec
+    from flashcp.v1 import planner_pb2 as pb
+
+    def handler(request: Any, context: Any) -> Any:
+        plans = list(fp.plan(codec.request_from_pb(request)))
+        if mutate is not None:
+            plans = mutate(plans)
+        return pb.PlanResponse(plans=[codec.plan_to_pb(p) for p in plans])
+
+    return handler
+
+
+def grpc_abort(code_name: str, message: str, field: str = "") -> Callable[[Any, Any], Any]:
+    import grpc
+
+    def handler(request: Any, context: Any) -> Any:
+        if field:
+            context.set_trailing_metadata((("flashcp-error-field", field),))
+        context.abort(getattr(grpc.StatusCode, code_name), message)
+
+    return handler
+
+
+def _drop_token(plans: list[fp.Plan]) -> list[fp.Plan]:
+    """Rank 0 loses the last token of its first segment (a plan that no longer covers its documents)."""
+    rank = plans[0].ranks[0]
+    segment = rank.segments[0]
+    broken = dataclasses.replace(
+        rank,
+        segments=(dataclasses.replace(segment, end=segment.end - 1), *rank.segments[1:]),
+        cost=dataclasses.replace(rank.cost, tokens=rank.cost.tokens - 1),
+    )
+    return [dataclasses.replace(plans[0], ranks=(broken, *plans[0].ranks[1:])), *plans[1:]]
+
+
+def test_grpc_plans_come_from_the_service(grpc_server: ScriptedGrpcServer) -> None:
+    grpc_server.handler = grpc_reply()
+    client = PlannerClient(grpc_server.address, fallback=False, strategy="per_doc")
+    assert client.plan(BATCHES, cp_size=4) == embedded(BATCHES, 4, strategy="per_doc")
+    assert client.stats.remote_ok == 1
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [(lambda plans: plans[:-1], "returned 2 plans for 3 micro-batches"),
+     (lambda plans: [plans[1], plans[0], plans[2]], "doc_lengths"),
+     (_drop_token, "not a valid plan")],
+)
+def test_grpc_garbage_is_detected(grpc_server: ScriptedGrpcServer, mutate: Any, message: str) -> None:
+    grpc_server.handler = grpc_reply(mutate)
+    with pytest.raises(InvalidServiceResponse, match=message):
+        PlannerClient(grpc_server.address, fallback_on_bad_response=False).plan(BATCHES, cp_size=4)
+    client = PlannerClient(grpc_server.address)
+    assert client.plan(BATCHES, cp_size=4) == embedded(BATCHES, 4)
+    assert (client.stats.fallbacks, client.stats.errors) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "code, field, error, retried",
+    [("INVALID_ARGUMENT", "micro_batches[0][2]", fp.InvalidRequest, False),
+     ("FAILED_PRECONDITION", "", fp.Infeasible, False),
+     ("RESOURCE_EXHAUSTED", "micro_batches", fp.InvalidRequest, False),  # over the server's size limit
+     ("RESOURCE_EXHAUSTED", "", ServiceUnavailable, True),  # overloaded
+     ("UNAVAILABLE", "", ServiceUnavailable, True),
+     ("UNIMPLEMENTED", "", InvalidServiceResponse, False)],
+)
+def test_grpc_status_codes_map_to_typed_errors(
+    grpc_server: ScriptedGrpcServer, code: str, field: str, error: type, retried: bool
+) -> None:
+    grpc_server.handler = grpc_abort(code, f"{field}: the problem" if field else "the problem", field)
+    client = PlannerClient(grpc_server.address, fallback=False, retries=1, sleep=lambda s: None)
+    with pytest.raises(error, match="the problem") as info:
+        client.plan(BATCHES, cp_size=4)
+    if error is fp.InvalidRequest:
+        assert info.value.field == field
+        assert str(info.value) == f"{field}: the problem"
+    assert grpc_server.hits == (2 if retried else 1)
+    assert client.stats.rejected == (1 if error in (fp.InvalidRequest, fp.Infeasible) else 0)
 
 
 # ---------------------------------------------------------------- prefetch

@@ -155,6 +155,20 @@ def test_remote_plans_equal_embedded_plans(service: Service, transport: str) -> 
 
 
 @needs_service
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_remote_optimum_equals_embedded_optimum(service: Service, transport: str) -> None:
+    options = fp.PlanOptions(time_limit_s=5.0, num_workers=1, random_seed=3)
+    client = PlannerClient(service.address(transport), fallback=False, strategy="optimum", options=options)
+    batches = [[300, 200, 100, 40], [500, 20]]
+    plans = client.plan(batches, cp_size=2)
+    reference = fp.plan(client.make_request(batches, cp_size=2))
+    assert [p.optimality.status for p in plans] == ["optimal", "optimal"]
+    # Fingerprints leave out the solver wall time, the one field that differs between runs.
+    assert [p.fingerprint() for p in plans] == [p.fingerprint() for p in reference]
+    assert client.stats.remote_ok == 1
+
+
+@needs_service
 @pytest.mark.parametrize(
     "transport",
     [pytest.param("http", marks=pytest.mark.xfail(

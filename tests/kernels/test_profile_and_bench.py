@@ -54,3 +54,59 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert len(rows) == 1
     max_diff = float(rows[0].strip(" |").split("|")[-1])
     assert max_diff < 1e-5  # ours vs SDPA, fp32
+
+
+def test_kernels_compile_for_h100():
+    # The interpreter accepts code the GPU compiler rejects; compile (no GPU needed) for sm_90.
+    from flashcp_kernels.compile_check import compile_kernels
+
+    results = list(compile_kernels(arch=90, dtypes=("bf16",), head_dims=(128,), first_config_only=True))
+    assert len(results) == 3
+    for r in results:
+        assert r.error is None, f"{r.kernel}: {r.error}"
+        assert 0 < r.shared_bytes <= 227 * 1024  # H100/H200 shared memory per block
+
+
+def _profile_rank(rank: int, port: int, path: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    run_profile(_args("--device", "cpu", "--quick", "--backend", "torch", "--distributed", "-o", path))
+
+
+def test_distributed_profile_measures_all_gather_and_rank_zero_writes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "measured.json"
+    mp.spawn(_profile_rank, args=(port, str(path)), nprocs=2, join=True)
+    data = json.loads(path.read_text())
+    assert data["inter_node_gbps"] > 0 and data["inter_node_latency_ms"] > 0  # CPU ranks: not one GPU node
+    assert load_cost_model(str(path)).inter_node_gbps == data["inter_node_gbps"]
+
+
+def test_launch_falls_back_to_a_config_that_fits(monkeypatch):
+    import triton
+    from flashcp_kernels import triton_common
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    configs = [triton_common.BlockConfig(block_m=128, block_n=128), triton_common.BlockConfig(block_m=64, block_n=32)]
+    tried = []
+
+    def launch(config):
+        tried.append(config)
+        if config.block_m == 128:
+            raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    key = ("test-fallback", object())
+    assert triton_common.launch_with_fallback(key, configs, launch) == configs[1]
+    assert triton_common.launch_with_fallback(key, configs, launch) == configs[1]
+    assert tried == [configs[0], configs[1], configs[1]]  # the working config is remembered
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        triton_common.launch_with_fallback(("test-none-fits",), configs[:1], launch)

@@ -1,36 +1,45 @@
 """The FlashCP heuristic: per document Whole-Doc, Per-Doc or sub-group head-tail, minimising the makespan.
 
-Search, in three phases, on the additive per-rank shares of
-:mod:`flashcp_planner.strategies.shares` (so every candidate is scored with the
-evaluator's own formula, incrementally, without building a plan):
+Every candidate is scored on the additive per-rank shares of
+:mod:`flashcp_planner.strategies.shares`, i.e. with the evaluator's own formula
+(:func:`flashcp_planner.cost.rank_costs`), incrementally, without building a plan.
+Group sizes k are powers of two dividing N (plus N itself, Per-Doc) and groups are
+aligned blocks of consecutive ranks, so groups of k <= gpus_per_node never straddle
+nodes; ``allow_sub_group=False`` leaves only k = N.
 
-1. **Greedy.** Documents longest first. A document goes whole onto the
-   least-loaded rank with room (LPT). If that would push the rank past the
-   ideal per-rank load (``target`` variant), or the document fits on no rank,
-   the best head-tail split over an aligned group of k ranks is considered
-   (k a power of two dividing N, so groups of k <= gpus_per_node never straddle
-   nodes; k = N is Per-Doc). If no head-tail split fits the capacity either,
-   the document is cut into pieces that fill the ranks with room.
-2. **Improvement.** Repeatedly take the slowest rank and try: moving one of its
-   whole documents to a least-loaded rank, swapping one with a document of a
-   least-loaded rank, splitting one of its documents over a group, or
-   re-placing a split document that touches it (other k, other group, whole).
-   The best move is applied if every rank it touches ends below the old
-   makespan, so the sorted vector of rank times decreases strictly.
-3. **Candidates.** The greedy is run with and without the ``target`` rule when
-   they differ; the pure-LPT run starts from exactly the ``whole_doc``
-   baseline's placement, so the result is never worse than it. All-Per-Doc is
-   scored too (skipped when a lower bound shows it cannot win). The best
-   layout is returned; ties keep the earlier candidate. No randomness.
+1. **Greedy** (:meth:`PlacementSearch.greedy`). Documents longest first, each whole
+   onto the least-loaded rank with room (LPT). A document whose whole placement
+   would end past ``alpha`` x the ideal per-rank load, or that fits on no rank, takes
+   the option (whole, or head-tail over the two least-loaded groups of each size)
+   that adds the least total time among those ending within the limit. A document
+   no head-tail split can hold under capacity is cut into pieces filling the ranks
+   with room, so a plan exists whenever N * capacity >= T.
+2. **Improvement** (:meth:`PlacementSearch.improve`). Repeatedly take the slowest
+   rank and try moving one of its whole documents to a least-loaded rank, swapping
+   one with a document there, splitting one over a group, re-placing a split
+   document that touches it; on small instances also compound moves (re-place a
+   document and re-insert the whole documents it displaces). A move is applied only
+   if every rank it touches ends below the old makespan: the sorted vector of rank
+   times decreases strictly, so the loop terminates (and is bounded anyway).
+3. **Candidates** (:func:`heuristic_placements`). Small instances (<= 64 documents)
+   run the greedy with several ``alpha`` (multi-start), then a seeded ruin-and-
+   recreate search (<= 32 documents). When the greedy split a document that fitted
+   whole, pure LPT (``alpha`` = 0, exactly the ``whole_doc`` baseline's placement)
+   is run and improved too unless a bound shows it cannot win, so the result is
+   never worse than ``whole_doc``. All-Per-Doc is scored unless a lower bound rules
+   it out. The best layout is returned; ties keep the earlier candidate.
+
+Deterministic: ties broken by index, the only random choices use a fixed seed.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from flashcp_planner.layout import Layout, head_tail_segments, sharding_of, whole
+from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
 from flashcp_planner.model import CommMode, DocSharding, Segment, ShardingKind
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, pieces_shares, whole_share
@@ -48,9 +57,17 @@ _SPLIT_CANDIDATE = 0.25
 _STOP_IMBALANCE = 1e-3
 """Stop improving once the slowest rank is within this fraction of the mean (large instances)."""
 _STOP_IMBALANCE_SMALL = 1e-7
+_ALPHAS = (1.1, 1.25, 1.5, 2.0, 3.0)
+"""Extra greedy runs (multi-start) with looser split limits, on instances of up to _SMALL_INSTANCE documents."""
 _SMALL_INSTANCE = 64
-"""Up to this many documents every improvement move is tried each round; above, splits are tried only
-when no cheaper whole-document move improves."""
+"""Up to this many documents: multi-start, every improvement move each round, compound moves; above,
+splits are tried only when no cheaper whole-document move improves."""
+_LNS_DOCS = 32
+"""Instances of up to this many documents get a final ruin-and-recreate search."""
+_LNS_ROUNDS = 100
+_LNS_PATIENCE = 40
+"""Stop the ruin-and-recreate search after this many rounds without improvement."""
+_LNS_SEED = 0x5EED
 
 
 def group_sizes(cp_size: int, allow_sub_group: bool) -> list[int]:
@@ -75,6 +92,8 @@ class _Run:
     """Per rank, the documents with tokens on it."""
     deviated: bool
     """Whether the greedy split a document that fitted whole (then pure LPT differs)."""
+    split: bool
+    """Whether the greedy split any document (then looser split limits may do better)."""
 
 
 class PlacementSearch:
@@ -111,8 +130,13 @@ class PlacementSearch:
 
     # -- one full run ---------------------------------------------------------
 
-    def greedy(self, *, use_target: bool) -> _Run:
-        """Phase 1: place every document, longest first (see the module docstring)."""
+    def greedy(self, *, alpha: float) -> _Run:
+        """Phase 1: place every document, longest first (see the module docstring).
+
+        Args:
+            alpha: documents may be split once whole placement would exceed ``alpha`` times the ideal
+                per-rank load; 0 gives pure LPT (splits only what fits nowhere whole).
+        """
         n, lengths, cm = self.n, self.lengths, self.cm
         capacity = self.capacity
         whole_ms = self.whole_ms
@@ -122,11 +146,12 @@ class PlacementSearch:
         fills: dict[int, list[tuple[int, Segment]]] = {}
         lin = cm.linear_ms_per_token
         target = (sum(whole_ms) + sum(lengths) * lin) / n
-        split_floor = _SPLIT_CANDIDATE * target if use_target and self.ks else float("inf")
+        limit = alpha * target
+        split_floor = _SPLIT_CANDIDATE * target if alpha and self.ks else float("inf")
         key = [0.0] * n  # the whole_doc baseline's LPT key while placements are whole
         heap = [(0.0, r) for r in range(n)]
         heappop, heappush = heapq.heappop, heapq.heappush
-        deviated = False
+        deviated = split_any = False
         for d in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):  # stable: ties by index
             length = lengths[d]
             w = whole_ms[d]
@@ -153,16 +178,10 @@ class PlacementSearch:
                 continue
             if r >= 0:
                 heappush(heap, (key[r], r))
-                choice: Placement | None = (r, 1)
-                whole_time = state.time(tok[r] + length, attn[r] + w, local[r] + w, state.ri[r], state.rx[r],
-                                        state.si[r], state.sx[r], r)
-                if whole_time > target:
-                    split, split_time = self._best_split(state, d, (), whole_time)
-                    if split is not None and split_time < whole_time:
-                        choice = split
-                        deviated = True
-            else:
-                choice, _ = self._best_split(state, d, (), float("inf"))
+            choice = self._choose(state, d, r, limit, alpha)
+            if choice is None or choice[1] != 1:
+                split_any = True
+                deviated = deviated or r >= 0
             if choice is None:
                 pieces = self._fill_pieces(state, d)
                 fills[d] = pieces
@@ -183,7 +202,35 @@ class PlacementSearch:
             else:
                 for share in (pieces_shares(fills[d], cm, self.comm) if k == FILL else self.shares(d, g0, k)):
                     touch[share[0]].add(d)
-        return _Run(placement=placement, fills=fills, state=state, touch=touch, deviated=deviated)
+        return _Run(placement=placement, fills=fills, state=state, touch=touch, deviated=deviated, split=split_any)
+
+    def _choose(self, state: LoadState, d: int, r: int, limit: float, alpha: float) -> Placement | None:
+        """Placement of a new document: whole on ``r`` (the least-loaded rank with room; -1: none) or a split.
+
+        Among options whose touched ranks stay within ``limit``, the one adding the least total time
+        (whole first on ties); if none stays within, the same among options within ``alpha`` times the
+        lowest max touched time.
+        """
+        candidates: list[tuple[Placement, float, float]] = []  # (option, max touched time, total increase)
+        if r >= 0:
+            t, inc, _ = state.peek_sum((), self.shares(d, r, 1))
+            if t <= limit or not self.ks:
+                return (r, 1)
+            candidates.append(((r, 1), t, inc))
+        totals = state.totals()
+        for k in self.ks:
+            blocks = sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k))
+            for _, g0 in blocks[:2]:
+                t, inc, fits = state.peek_sum((), self.shares(d, g0, k))
+                if fits:
+                    candidates.append(((g0, k), t, inc))
+        if not candidates:
+            return None
+        within = [c for c in candidates if c[1] <= limit]
+        if not within:  # the ideal load is out of reach: relax it around the best achievable time
+            soonest = min(c[1] for c in candidates)
+            within = [c for c in candidates if c[1] <= soonest * max(alpha, 1.0)]
+        return min(within, key=lambda c: (c[2], c[1]))[0]
 
     def _best_split(
         self, state: LoadState, d: int, remove: tuple[Share, ...], bound: float, totals: list[float] | None = None
@@ -193,9 +240,10 @@ class PlacementSearch:
             totals = state.totals()
         best: Placement | None = None
         best_time = bound
+        tries = self.n if len(self.lengths) <= _SMALL_INSTANCE else 2
         for k in self.ks:
             blocks = sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k))
-            for _, g0 in blocks[:2]:
+            for _, g0 in blocks[:tries]:
                 t, fits = state.peek(remove, self.shares(d, g0, k))
                 if fits and t < best_time:
                     best, best_time = (g0, k), t
@@ -226,6 +274,7 @@ class PlacementSearch:
         state, placement, touch = run.state, run.placement, run.touch
         n = self.n
         lengths = self.lengths
+        lin = self.cm.linear_ms_per_token
         small = len(lengths) <= _SMALL_INSTANCE
         stop = _STOP_IMBALANCE_SMALL if small else _STOP_IMBALANCE
         for _ in range(2 * n + 32):
@@ -237,7 +286,7 @@ class PlacementSearch:
             low = sorted(range(n), key=lambda x: (totals[x], x))[:2]
             best_time = cur * (1.0 - 1e-9)
             best_move: tuple[int, Placement, int, Placement] | None = None  # (d, new, e, new_e); e < 0: no swap
-            whole_here = sorted((self.whole_ms[d] + lengths[d] * state._lin, d) for d in touch[r] if placement[d][1] == 1)
+            whole_here = sorted((self.whole_ms[d] + lengths[d] * lin, d) for d in touch[r] if placement[d][1] == 1)
             split_here = sorted((d for d in touch[r] if placement[d][1] >= 2), key=lambda d: (-lengths[d], d))
             # moves of whole documents to a least-loaded rank: try sizes around half the gap
             for s in low:
@@ -251,10 +300,10 @@ class PlacementSearch:
             if best_move is None and whole_here:
                 s = low[0]
                 if s != r:
-                    there = sorted((self.whole_ms[e] + lengths[e] * state._lin, e) for e in touch[s]
+                    there = sorted((self.whole_ms[e] + lengths[e] * lin, e) for e in touch[s]
                                    if placement[e][1] == 1)
                     half_gap = (cur - totals[s]) / 2
-                    for w, d in whole_here[-64:]:
+                    for w, d in whole_here[-16:]:
                         for e in self._near(there, w - half_gap):
                             if e == d:
                                 continue
@@ -283,11 +332,117 @@ class PlacementSearch:
                     if fits and t < best_time:
                         best_time, best_move = t, (d, (s, 1), -1, (0, 0))
             if best_move is None:
+                if small and self._compound(run, r, cur, whole_here, split_here):
+                    continue
                 return
             d, new, e, new_e = best_move
             self._move(state, placement, touch, d, new)
             if e >= 0:
                 self._move(state, placement, touch, e, new_e)
+
+    def _compound(self, run: _Run, r: int, cur: float, whole_here: list, split_here: list[int]) -> bool:
+        """Re-place one of the largest documents of the slowest rank ``r`` in every possible way, each time
+        evicting the whole documents of the ranks it lands on and re-inserting them one by one where they
+        end soonest. Keeps the first combination that brings every rank below ``cur``; else undoes all."""
+        state, placement, touch = run.state, run.placement, run.touch
+        docs = [d for _, d in reversed(whole_here[-3:])] + split_here[:2]
+        for d in docs:
+            options = [(s, 1) for s in range(self.n) if s != r or placement[d][1] != 1]
+            options += [(g0, k) for k in self.ks for g0 in range(0, self.n, k)]
+            for option in options:
+                if option == placement[d]:
+                    continue
+                journal: list[tuple[int, Placement]] = [(d, placement[d])]
+                self._move(state, placement, touch, d, option)
+                landed = {share[0] for share in self.shares(d, *option)}
+                evicted = sorted({e for t in landed for e in touch[t] if e != d and placement[e][1] == 1},
+                                 key=lambda e: (-self.lengths[e], e))
+                for e in evicted:
+                    current = self.shares(e, *placement[e])
+                    best_s, best_t = placement[e][0], float("inf")
+                    for s in range(self.n):
+                        t, ok = state.peek(current, self.shares(e, s, 1))
+                        if ok and t < best_t:
+                            best_s, best_t = s, t
+                    if best_s != placement[e][0]:
+                        journal.append((e, placement[e]))
+                        self._move(state, placement, touch, e, (best_s, 1))
+                fits = all(state.tok[t] <= self.capacity for t in landed)
+                if fits and max(state.totals()) < cur * (1.0 - 1e-9):
+                    return True
+                for doc, old in reversed(journal):
+                    self._move(state, placement, touch, doc, old)
+        return False
+
+    def ruin_recreate(self, run: _Run, rounds: int) -> None:
+        """Large-neighbourhood search: free the slowest rank and two others (fixed-seed choice), re-insert their
+        documents roughly longest first (seeded jitter) at the option that ends soonest; keep strict
+        improvements of the makespan."""
+        state, placement, touch = run.state, run.placement, run.touch
+        rng = random.Random(_LNS_SEED)
+        best = max(state.totals())
+        stale = 0
+        for round_ in range(rounds):
+            if stale >= _LNS_PATIENCE:
+                return
+            stale += 1
+            totals = state.totals()
+            r = max(range(self.n), key=lambda x: (totals[x], -x))
+            ranks = [r, *rng.sample([x for x in range(self.n) if x != r], min(2, self.n - 1))]
+            freed = sorted({d for t in ranks for d in touch[t] if placement[d][1] != FILL})
+            noise = {d: 1.0 + 1.0 * rng.random() for d in freed}
+            docs = sorted(freed, key=lambda d: (-self.lengths[d] * noise[d], d))
+            old = [(d, placement[d]) for d in docs]
+            for d in docs:
+                self._unplace(state, touch, d, placement[d])
+            new: list[tuple[int, Placement]] = []
+            limit = best * (1.0 - 1e-6) if round_ % 2 else 0.0
+            for d in docs:
+                option = self._soonest(state, d, limit)
+                if option is None:
+                    break
+                self._place(state, touch, d, option)
+                new.append((d, option))
+            if len(new) == len(docs) and max(state.totals()) < best * (1.0 - 1e-9):
+                best = max(state.totals())
+                stale = 0
+                for d, option in new:
+                    placement[d] = option
+                continue
+            for d, option in new:
+                self._unplace(state, touch, d, option)
+            for d, option in old:
+                self._place(state, touch, d, option)
+
+    def _soonest(self, state: LoadState, d: int, limit: float = 0.0) -> Placement | None:
+        """The option of document ``d`` (not yet placed) whose touched ranks end soonest, under capacity;
+        with ``limit`` > 0, the best fit instead: the latest-ending option that still ends within ``limit``."""
+        best: Placement | None = None
+        best_key = (float("inf"), float("inf"))
+        fit: Placement | None = None
+        fit_key = (float("-inf"), float("-inf"))
+        options = [(s, 1) for s in range(self.n)] + [(g0, k) for k in self.ks for g0 in range(0, self.n, k)]
+        for option in options:
+            t, inc, fits = state.peek_sum((), self.shares(d, *option))
+            if not fits:
+                continue
+            if (t, inc) < best_key:
+                best, best_key = option, (t, inc)
+            if t <= limit and (t, -inc) > fit_key:
+                fit, fit_key = option, (t, -inc)
+        return fit if fit is not None else best
+
+    def _place(self, state: LoadState, touch: list[set[int]], d: int, option: Placement) -> None:
+        shares = self.shares(d, *option)
+        state.add(shares)
+        for share in shares:
+            touch[share[0]].add(d)
+
+    def _unplace(self, state: LoadState, touch: list[set[int]], d: int, option: Placement) -> None:
+        shares = self.shares(d, *option)
+        state.add(shares, -1)
+        for share in shares:
+            touch[share[0]].discard(d)
 
     @staticmethod
     def _near(items: list[tuple[float, int]], value: float) -> list[int]:
@@ -297,7 +452,9 @@ class PlacementSearch:
         i = bisect.bisect_left(items, (value, -1))
         return [d for _, d in items[max(0, i - 2):i + 2]]
 
-    def _move(self, state: LoadState, placement: list[Placement], touch: list[set[int]], d: int, new: Placement) -> None:
+    def _move(
+        self, state: LoadState, placement: list[Placement], touch: list[set[int]], d: int, new: Placement
+    ) -> None:
         old_shares = self.shares(d, *placement[d])
         state.add(old_shares, -1)
         for s in old_shares:
@@ -324,17 +481,49 @@ def _exact_makespan(search: PlacementSearch, placement: list[Placement], fills: 
     return max(state.totals())
 
 
+def _whole_only_lower_bound(search: PlacementSearch) -> float:
+    """Lower bound on any all-whole layout: the largest document alone, or the mean rank time."""
+    lin = search.cm.linear_ms_per_token
+    whole = [w + length * lin for w, length in zip(search.whole_ms, search.lengths, strict=True)]
+    return max(max(whole), sum(whole) / search.n)
+
+
+def _per_doc_quick_bound(search: PlacementSearch) -> float:
+    """Weaker, cheaper form of :func:`_per_doc_lower_bound`: full efficiency, overheads only."""
+    cm = search.cm
+    chunks = sum(min(length, 2 * search.n) for length in search.lengths)
+    overhead = chunks * cm.attention_segment_overhead_ms * (1.0 + cm.attention_backward_ratio)
+    pairs = sum(length * (length + 1) for length in search.lengths) // 2
+    linear = sum(search.lengths) * cm.linear_ms_per_token
+    return (cm.attention_ideal_ms_of_pairs(pairs) + overhead + linear) / search.n
+
+
 def _per_doc_lower_bound(search: PlacementSearch) -> float:
-    """Lower bound on the makespan of All-Per-Doc: average rank load with two segment overheads per long doc."""
+    """Lower bound on the makespan of All-Per-Doc: the mean rank time without exposed comm.
+
+    A document of length L head-tail over N ranks is cut into min(L, 2N) chunks of floor or ceil
+    L / 2N queries, so its attention is at least one overhead per chunk plus its FLOPs at the better
+    of those two efficiencies.
+    """
     cm = search.cm
     n = search.n
-    long_docs = sum(1 for length in search.lengths if length >= 2 * n)
-    overhead = 2 * long_docs * cm.attention_segment_overhead_ms * (1.0 + cm.attention_backward_ratio)
-    ideal = sum(cm.attention_ideal_ms(length) for length in search.lengths)
-    return (ideal + sum(search.lengths) * cm.linear_ms_per_token) / n + overhead
+    rate = cm.attention_tflops * 1e9
+    head_dims = 4.0 * cm.num_heads * cm.head_dim
+    attention = 0.0
+    for length in search.lengths:
+        base = length // (2 * n)
+        eff = max(cm.efficiency(max(base, 1)), cm.efficiency(base + 1))
+        chunks = min(length, 2 * n)
+        attention += chunks * cm.attention_segment_overhead_ms + head_dims * (length * (length + 1) // 2) / (rate * eff)
+    attention *= 1.0 + cm.attention_backward_ratio
+    return (attention + sum(search.lengths) * cm.linear_ms_per_token) / n
 
 
-def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placement], dict[int, list[tuple[int, Segment]]]]:
+Fills = dict[int, list[tuple[int, Segment]]]
+"""Pieces ``(rank, segment)`` of the documents cut by the capacity fallback (placement k = 0)."""
+
+
+def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placement], Fills]:
     """Run the heuristic; returns per-document placements and the pieces of fill-cut documents."""
     search_comm = CommMode.SHARDING_AWARE if comm is CommMode.ALL_GATHER else comm
     search = PlacementSearch(ctx, search_comm)
@@ -344,15 +533,27 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
             return max(run.state.totals())
         return _exact_makespan(search, run.placement, run.fills, comm)
 
-    run = search.greedy(use_target=True)
+    run = search.greedy(alpha=1.0)
     search.improve(run)
-    best = (score(run), run.placement, run.fills)
-    if run.deviated:
-        lpt = search.greedy(use_target=False)
-        if score(lpt) < best[0]:  # improving only lowers it further
-            search.improve(lpt)
-            best = (score(lpt), lpt.placement, lpt.fills)
-    if search.n > 1 and _per_doc_lower_bound(search) < best[0]:
+    best = (score(run), list(run.placement), run.fills)
+    best_run = run
+    alphas: tuple[float, ...] = ()
+    if run.split and len(search.lengths) <= _SMALL_INSTANCE:
+        alphas = (*_ALPHAS, 0.0)
+    elif run.deviated and best[0] > _whole_only_lower_bound(search):
+        alphas = (0.0,)  # pure LPT could still win: run it (never worse than the whole_doc baseline)
+    for alpha in alphas:
+        other = search.greedy(alpha=alpha)
+        if alpha or score(other) < best[0]:  # improving only lowers it further
+            search.improve(other)
+            if score(other) < best[0]:
+                best = (score(other), list(other.placement), other.fills)
+                best_run = other
+    if len(search.lengths) <= _LNS_DOCS and search.n > 1:
+        search.ruin_recreate(best_run, _LNS_ROUNDS)
+        if score(best_run) < best[0]:
+            best = (score(best_run), list(best_run.placement), best_run.fills)
+    if search.n > 1 and _per_doc_quick_bound(search) < best[0] and _per_doc_lower_bound(search) < best[0]:
         per_doc = [(0, search.n)] * len(search.lengths)
         per_doc_ms = _exact_makespan(search, per_doc, {}, comm)
         if per_doc_ms < best[0]:
@@ -360,7 +561,7 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
     return best[1], best[2]
 
 
-def placements_layout(ctx: PlanContext, placement: list[Placement], fills: dict[int, list[tuple[int, Segment]]]) -> Layout:
+def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills) -> Layout:
     """Turn per-document placements into a :class:`Layout` (segments per rank, sharding per document)."""
     n = ctx.cp_size
     rank_segments: list[list[Segment]] = [[] for _ in range(n)]
@@ -368,8 +569,8 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: dict[
     for d, length in enumerate(ctx.doc_lengths):
         g0, k = placement[d]
         if k == 1:
-            seg, sharding = whole(d, length, g0)
-            rank_segments[g0].append(seg)
+            rank_segments[g0].append(Segment(doc=d, start=0, end=length))
+            sharding = DocSharding(doc=d, kind=ShardingKind.WHOLE, ranks=(g0,))
         else:
             if k == FILL:
                 pieces = fills[d]
@@ -383,7 +584,7 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: dict[
                 rank_segments[rank].append(seg)
             sharding = sharding_of(d, group, pieces, kind)
         documents.append(sharding)
-    return Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents))
+    return Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents), trusted=True)
 
 
 class FlashCPHeuristic:

@@ -11,8 +11,14 @@ place floats become integers)::
     tokens_r  = sum x * tokens                      <= capacity
     work_r    = sum x * (tokens * linear + attention)
     comm_r    = sum_c latency_c * b[r, c] + sum x * bytes_time
-    exposed_r = max(0, comm_r - sum x * overlap * local_attention)   (add_max_equality)
+    exposed_r = max(0, comm_r - sum x * overlap * local_attention)
     makespan >= work_r + exposed_r                   minimise makespan
+
+The max is written as two inequalities, ``makespan >= work_r`` and ``makespan >=
+work_r + comm_r - overlap_r``: since the objective minimises the makespan this is
+the same optimum as an ``add_max_equality`` on an exposed-comm variable, with a
+much tighter LP relaxation (on 6 random instances of 3-12 documents the
+``add_max_equality`` form proved 2 optimal in 5 s, this form all 6 in < 3.2 s).
 
 ``b[r, c]`` is a boolean per link class c (receive / send x intra / inter
 node) implied by every selected option that moves bytes of class c at r, so
@@ -34,6 +40,7 @@ from flashcp_planner.model import CommMode, Optimality, Segment, segments_by_ran
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.flashcp import (
     FILL,
+    Fills,
     Placement,
     PlacementSearch,
     heuristic_placements,
@@ -43,15 +50,15 @@ from flashcp_planner.strategies.shares import Share, pieces_shares
 
 __all__ = ["OptimumCPSAT", "document_options", "option_shares"]
 
-_SCALE = 1e9
-"""Integer units per millisecond in the CP-SAT model (1 unit = 1 fs of predicted time)."""
+_SCALE = 1e6
+"""Integer units per millisecond in the CP-SAT model (1 unit = 1 ns of predicted time)."""
 
 
 def _units(ms: float) -> int:
     return round(ms * _SCALE)
 
 
-def document_options(ctx: PlanContext, fills: dict[int, list[tuple[int, Segment]]] | None = None) -> list[list[Placement]]:
+def document_options(ctx: PlanContext, fills: Fills | None = None) -> list[list[Placement]]:
     """Every placement the optimum considers, per document (whole on r if it fits, every aligned group)."""
     search = PlacementSearch(ctx, CommMode.EXACT_NEED)
     out = []
@@ -159,9 +166,11 @@ class OptimumCPSAT:
         for r in range(n):
             model.add(sum(v * c for v, c in tokens[r]) <= ctx.capacity)
             comm_r = sum(latency[c] * busy[r][c] for c in range(4)) + sum(v * c for v, c in moved[r])
-            exposed = model.new_int_var(0, horizon, f"exposed[{r}]")
-            model.add_max_equality(exposed, [0, comm_r - sum(v * c for v, c in overlap[r])])
-            model.add(makespan >= sum(v * c for v, c in work[r]) + exposed)
+            work_r = sum(v * c for v, c in work[r])
+            # makespan >= work_r + max(0, comm_r - overlap_r), written as two inequalities: the same
+            # optimum (the objective minimises a maximum) and a tighter relaxation than add_max_equality.
+            model.add(makespan >= work_r)
+            model.add(makespan >= work_r + comm_r - sum(v * c for v, c in overlap[r]))
         model.minimize(makespan)
         for d, doc_options in enumerate(options):
             chosen = doc_options.index(hint[d])

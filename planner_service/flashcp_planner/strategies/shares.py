@@ -218,6 +218,11 @@ class LoadState:
             ``(max time of the touched ranks, whether every touched rank stays within capacity)``.
             Under ``ALL_GATHER`` the coupling through node totals is ignored (search only).
         """
+        worst, _, fits = self.peek_sum(remove, add)
+        return worst, fits
+
+    def peek_sum(self, remove: Sequence[Share], add: Sequence[Share]) -> tuple[float, float, bool]:
+        """Like :meth:`peek`, plus the summed time increase over the touched ranks (middle item)."""
         delta: dict[int, list] = {}
         for sign, shares in ((-1, remove), (1, add)):
             for r, tok, attn, local, ri, rx, si, sx in shares:
@@ -232,6 +237,7 @@ class LoadState:
                 d[5] += sign * si
                 d[6] += sign * sx
         worst = 0.0
+        increase = 0.0
         fits = True
         for r, d in delta.items():
             tok = self.tok[r] + d[0]
@@ -239,6 +245,7 @@ class LoadState:
                 fits = False
             t = self.time(tok, self.attn[r] + d[1], self.local[r] + d[2], self.ri[r] + d[3], self.rx[r] + d[4],
                           self.si[r] + d[5], self.sx[r] + d[6], r)
+            increase += t - self.total(r)
             if t > worst:
                 worst = t
-        return worst, fits
+        return worst, increase, fits

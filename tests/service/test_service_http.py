@@ -79,7 +79,8 @@ def test_infeasible_is_422_with_an_explanation(http_client) -> None:
 
 
 def test_malformed_json_is_400(http_client) -> None:
-    response = http_client.post("/v1/plan", content=b'{"micro_batches": [[1,', headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    response = http_client.post("/v1/plan", content=b'{"micro_batches": [[1,', headers=headers)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "malformed_json"
 

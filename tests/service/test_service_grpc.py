@@ -6,7 +6,7 @@ import grpc
 import pytest
 from flashcp import SERVICE_NAME, codec
 from flashcp.v1 import planner_pb2 as pb
-from flashcp_planner import PlanRequest, plan
+from flashcp_planner import PRESETS, PlanRequest, plan
 
 LENGTHS = [[100, 2000, 30, 7000], [5, 6]]
 
@@ -120,12 +120,13 @@ def test_compare_and_listings(grpc_stub, http_client) -> None:
     http = http_client.post("/v1/compare", json={"micro_batches": [[3000, 10, 20]], "cp_size": 2,
                                                  "capacity": 1600, "strategies": names}).json()
     assert [c.strategy for c in rows[0]] == names
-    assert [c.plan.to_dict() if c.plan else None for c in rows[0]] == [r["plan"] for r in http["comparisons"][0]["results"]]
+    http_plans = [r["plan"] for r in http["comparisons"][0]["results"]]
+    assert [c.plan.to_dict() if c.plan else None for c in rows[0]] == http_plans
     assert rows[0][1].plan is None and rows[0][1].error
 
     models = grpc_stub.ListCostModels(pb.ListCostModelsRequest())
     assert models.default_cost_model == "h100-llama8b"
-    assert {codec.cost_model_from_pb(m).name for m in models.cost_models} == {"h100-llama8b", "h200-llama8b"}
+    assert [codec.cost_model_from_pb(m) for m in models.cost_models] == list(PRESETS.values())
     strategies = grpc_stub.ListStrategies(pb.ListStrategiesRequest())
     assert {s.name for s in strategies.strategies} >= {"flashcp", "per_doc", "zigzag", "optimum"}
 
@@ -139,7 +140,8 @@ def test_health_and_reflection(grpc_server, service) -> None:
         check = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        replies = list(reflection.ServerReflectionInfo(iter([ask])))
         listed = {s.name for s in replies[0].list_services_response.service}
         assert SERVICE_NAME in listed and "grpc.health.v1.Health" in listed
 

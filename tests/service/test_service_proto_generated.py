@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from conftest import REPO
+from service_testing import REPO
 
 
 def _gen_proto():

@@ -1,0 +1,95 @@
+"""Plan JSON round trip and rejection of corrupt plans."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from flashcp_planner import InvalidRequest, Plan, PlanOptions, PlanRequest, plan
+from flashcp_planner.model import PLAN_FORMAT_VERSION
+
+
+@pytest.fixture(scope="module")
+def plans():
+    lengths = [12000, 300, 4096, 77, 9000, 1500, 64, 20000]
+    out = []
+    for strategy in ("flashcp", "per_doc", "zigzag", "whole_doc", "contiguous"):
+        out.extend(plan(PlanRequest(micro_batches=[lengths], cp_size=4, strategy=strategy, capacity_slack=1.0)))
+    out.extend(plan(PlanRequest(micro_batches=[[900, 400, 60]], cp_size=2, strategy="optimum",
+                                options=PlanOptions(time_limit_s=5, num_workers=1))))
+    return out
+
+
+def test_round_trip_is_identical(plans):
+    for p in plans:
+        again = Plan.from_dict(json.loads(p.to_json()))
+        assert again == p
+        assert again.to_json() == p.to_json()
+        assert again.fingerprint() == p.fingerprint()
+
+
+def test_fingerprint_ignores_solver_time_only(plans):
+    p = plans[-1]
+    assert p.optimality is not None
+    data = p.to_dict()
+    data["optimality"]["solve_time_s"] += 1.0
+    assert Plan.from_dict(data).fingerprint() == p.fingerprint()
+    data["makespan_ms"] += 1.0
+    assert Plan.from_dict(data).fingerprint() != p.fingerprint()
+
+
+def _corrupt(p, mutate):
+    data = copy.deepcopy(p.to_dict())
+    mutate(data)
+    with pytest.raises(InvalidRequest) as info:
+        Plan.from_dict(data)
+    return info.value
+
+
+def test_corrupt_plans_are_rejected(plans):
+    p = plans[0]
+
+    def overlap(d):
+        seg = d["ranks"][0]["segments"][0]
+        d["ranks"][1]["segments"].insert(0, [seg[0], seg[1], seg[2]])
+        d["ranks"][1]["tokens"] += seg[2] - seg[1]
+
+    def gap(d):
+        for r in d["ranks"]:
+            if r["segments"] and r["segments"][-1][2] - r["segments"][-1][1] > 1:
+                r["segments"][-1][2] -= 1
+                r["tokens"] -= 1
+                return
+
+    def version(d):
+        d["version"] = PLAN_FORMAT_VERSION + 1
+
+    def missing(d):
+        del d["ranks"]
+
+    def bad_type(d):
+        d["ranks"][0]["segments"][0] = "oops"
+
+    def wrong_owner(d):
+        d["documents"][0]["ranks"] = [d["documents"][0]["ranks"][0] + 1 % 4]
+
+    def over_capacity(d):
+        d["capacity"] = 1
+
+    assert "covered" in str(_corrupt(p, overlap))
+    assert "covered" in str(_corrupt(p, gap))
+    assert _corrupt(p, version).field == "version"
+    assert _corrupt(p, missing).field == "plan.ranks"
+    assert _corrupt(p, bad_type).field == "plan"
+    assert _corrupt(p, wrong_owner).field.startswith("plan.documents")
+    assert "capacity" in str(_corrupt(p, over_capacity))
+
+
+def test_tampered_transfers_are_rejected(plans):
+    p = next(x for x in plans if x.transfers)
+    data = p.to_dict()
+    data["transfers"] = data["transfers"][1:]
+    with pytest.raises(InvalidRequest) as info:
+        Plan.from_dict(data)
+    assert info.value.field == "plan.transfers"

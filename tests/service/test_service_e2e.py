@@ -1,0 +1,110 @@
+"""End to end against real server subprocesses on 127.0.0.1: both transports, request ids, SIGTERM drain."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+from flashcp import SERVICE_NAME, codec
+from flashcp.v1 import planner_pb2_grpc
+from flashcp_planner import PlanOptions, PlanRequest, plan
+from service_testing import start_server_process
+
+LENGTHS = [[4096, 100, 8000, 30, 30, 2500], [777, 12]]
+
+
+def test_both_transports_serve_the_same_plans(server_process) -> None:
+    expected = [p.to_dict() for p in plan(PlanRequest(micro_batches=LENGTHS, cp_size=8))]
+    http = httpx.post(f"{server_process.http_url}/v1/plan", json={"micro_batches": LENGTHS, "cp_size": 8},
+                      headers={"x-request-id": "e2e-http-1"}, timeout=30)
+    assert http.status_code == 200
+    assert http.headers["x-request-id"] == "e2e-http-1"
+    with grpc.insecure_channel(server_process.grpc_target) as channel:
+        stub = planner_pb2_grpc.PlannerStub(channel)
+        reply = stub.Plan(codec.request_to_pb(PlanRequest(micro_batches=LENGTHS, cp_size=8)),
+                          metadata=(("x-request-id", "e2e-grpc-1"),), timeout=30)
+    assert http.json()["plans"] == expected
+    assert [codec.plan_pb_to_dict(p) for p in reply.plans] == expected
+
+    lines = [line for line in server_process.log_lines() if line.get("logger") == "flashcp_service.access"]
+    by_id = {line["request_id"]: line for line in lines}
+    assert by_id["e2e-http-1"]["transport"] == "http" and by_id["e2e-http-1"]["status"] == "200"
+    assert by_id["e2e-grpc-1"]["transport"] == "grpc" and by_id["e2e-grpc-1"]["status"] == "OK"
+    assert by_id["e2e-grpc-1"]["documents"] == 8
+
+
+def test_bad_input_never_kills_the_server(server_process) -> None:
+    url = server_process.http_url
+    bodies = (b"", b"null", b"[]", b'{"micro_batches": "x"}', b"\xff\xfe",
+              b'{"micro_batches": [[1e400]], "cp_size": 2}')
+    for body in bodies:
+        response = httpx.post(f"{url}/v1/plan", content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
+    with grpc.insecure_channel(server_process.grpc_target) as channel:
+        raw = channel.unary_unary(f"/{SERVICE_NAME}/Plan")
+        try:
+            raw(b"\x0a\xff\xff\xff\xff\xff", timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            raise AssertionError("garbage bytes were accepted")
+    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert 'flashcp_requests_total{route="/v1/plan",status="422",transport="http"}' in httpx.get(
+        f"{url}/metrics", timeout=30
+    ).text
+
+
+def _in_flight(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("flashcp_requests_in_flight "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
+    """`flashcp serve` itself; two exact searches (one per transport) are in flight when SIGTERM arrives."""
+    entry = ["-c", "import sys; from flashcp_planner.cli import main; sys.exit(main())", "serve"]
+    server = start_server_process(tmp_path, "--solver-workers", "2", command=[sys.executable, *entry])
+    lengths = [[100 + (487 * i) % 7900 for i in range(16)]]  # CP-SAT needs its full 3 s here
+    body = {"micro_batches": lengths, "cp_size": 4, "strategy": "optimum",
+            "options": {"time_limit_s": 3, "num_workers": 1}}
+    results: dict[str, object] = {}
+
+    def http_call() -> None:
+        results["http"] = httpx.post(f"{server.http_url}/v1/plan", json=body, timeout=120)
+
+    def grpc_call() -> None:
+        request = PlanRequest(micro_batches=lengths, cp_size=4, strategy="optimum",
+                              options=PlanOptions(time_limit_s=3, num_workers=1))
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            results["grpc"] = planner_pb2_grpc.PlannerStub(channel).Plan(codec.request_to_pb(request), timeout=120)
+
+    threads = [threading.Thread(target=http_call), threading.Thread(target=grpc_call)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while _in_flight(server.http_url) < 3 and time.monotonic() < deadline:  # 2 searches + this scrape
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        rc = server.process.wait(60)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    log = server.log_lines()
+    assert rc == 0, server.log_path.read_text()[-3000:]
+    assert results["http"].status_code == 200, results["http"].text
+    assert results["http"].json()["plans"][0]["optimality"] is not None
+    assert results["grpc"].plans[0].HasField("optimality")
+    messages = [line.get("message", "") for line in log]
+    drain_at = next(i for i, m in enumerate(messages) if m.startswith("draining"))
+    served_at = [i for i, line in enumerate(log) if line.get("logger") == "flashcp_service.access"
+                 and line.get("strategy") == "optimum"]
+    assert len(served_at) == 2 and min(served_at) > drain_at, "both searches finished after the drain began"
