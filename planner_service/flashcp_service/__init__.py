@@ -1,7 +1,7 @@
 """FlashCP planner service: gRPC and HTTP transports over one planning-core object.
 
 ``PlannerService`` wraps :mod:`flashcp_planner` with the limits a shared
-sidecar needs (request size, solver time, a bounded process pool for exact
+sidecar needs (request size, solver time, bounded killable processes for exact
 searches); :func:`create_app` (FastAPI) and :func:`create_server` (grpc.aio)
 are thin transports over it; ``flashcp serve`` / ``python -m flashcp_service``
 run both in one process (:func:`run_serve`).

@@ -82,7 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(serve(settings))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # a port is taken or the address is invalid
         _log.error("cannot start: %s", exc)
         return 1
 
@@ -157,6 +157,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
     )
     http_server = _EmbeddedUvicorn(config)
     await grpc_server.start()
+    from flashcp_service.solver_processes import start_fork_server
+
+    warm_up = asyncio.create_task(asyncio.to_thread(start_fork_server))
     with _signals(loop, stop):
         http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
         stop_task = asyncio.create_task(stop.wait())
@@ -179,6 +182,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> int
         http_server.should_exit = True
         await asyncio.gather(grpc_server.stop(grace=settings.drain_timeout_s), http_task, return_exceptions=True)
         stop_task.cancel()
+    await warm_up
     await asyncio.to_thread(service.close)
     http_socket.close()
     _log.info("stopped")

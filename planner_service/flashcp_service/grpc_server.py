@@ -111,7 +111,9 @@ class PlannerServicer:
     async def _plan(self, message: pb.PlanRequest, record: RequestRecord, time_remaining_s: float | None):
         message = _decoded(message)
         self.service.check_size(
-            num_micro_batches=len(message.micro_batches), num_documents=codec.total_documents(message)
+            num_micro_batches=len(message.micro_batches),
+            num_documents=codec.total_documents(message),
+            cp_size=message.cp_size,
         )
         request = codec.request_from_pb(message, default_cost_model=self.service.default_cost_model)
         record.micro_batches = len(request.micro_batches)
@@ -164,7 +166,9 @@ class PlannerServicer:
     async def _compare(self, message: pb.CompareRequest, record: RequestRecord, time_remaining_s: float | None):
         message = _decoded(message)
         self.service.check_size(
-            num_micro_batches=len(message.micro_batches), num_documents=codec.total_documents(message)
+            num_micro_batches=len(message.micro_batches),
+            num_documents=codec.total_documents(message),
+            cp_size=message.cp_size,
         )
         request, strategies = codec.compare_request_from_pb(message, default_cost_model=self.service.default_cost_model)
         record.micro_batches = len(request.micro_batches)

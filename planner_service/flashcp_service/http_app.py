@@ -9,16 +9,19 @@ the access log line.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from flashcp_planner import __version__ as planner_version
-from flashcp_planner.errors import PlanningError
+from flashcp_planner.errors import InvalidRequest, PlanningError
 from flashcp_planner.presets import cost_model_to_dict
+from flashcp_planner.strategies import get_strategy
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashcp_service.access_log import REQUEST_ID_HEADER, RequestRecord, request_id_from
@@ -101,6 +104,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _ClientGone(Exception):
+    """The client disconnected while its exact search ran; the search was cancelled."""
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, cancelling it if the client disconnects first (exact searches take seconds)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise _ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 class _ObservedApp:
     """ASGI middleware: request id, body-size limit, metrics, access log; never lets an error escape as a crash."""
 
@@ -149,6 +176,9 @@ class _ObservedApp:
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                 raise _BodyTooLarge
             await self.app(scope, limited_receive, send_with_id)
+        except _ClientGone:
+            status = 499  # nginx's "client closed request": nobody to answer
+            record.error = "client disconnected; its search was cancelled"
         except Exception as exc:  # noqa: BLE001 - answer instead of crashing the connection
             if isinstance(exc, _BodyTooLarge):
                 exc = RequestTooLarge(f"request body exceeds the server limit of {self.max_bytes} bytes")
@@ -166,6 +196,13 @@ class _ObservedApp:
             record.status = str(status)
             metrics.observe_request(transport="http", route=record.route, status=record.status, seconds=record.seconds)
             record.emit()
+
+
+def _is_exact(strategy: str) -> bool:
+    try:
+        return get_strategy(strategy).is_optimal
+    except InvalidRequest:
+        return False
 
 
 def _json(data: Any) -> Response:
@@ -232,16 +269,23 @@ def create_app(service: PlannerService) -> Any:
     async def plan(body: PlanBody, request: Request) -> Response:
         """One plan per micro-batch; each plan is ``Plan.to_dict()`` (``flashcp plan --format json``)."""
         note(request, body, body.strategy)
-        service.check_size(num_micro_batches=len(body.micro_batches), num_documents=body.num_documents)
-        plans = await service.plan(body.to_request(service.default_cost_model))
+        service.check_size(
+            num_micro_batches=len(body.micro_batches), num_documents=body.num_documents, cp_size=body.cp_size
+        )
+        work = service.plan(body.to_request(service.default_cost_model))
+        plans = await (_unless_disconnected(request, work) if _is_exact(body.strategy) else work)
         return _json({"plans": [p.to_dict() for p in plans]})
 
     @api.post("/v1/compare", response_model=CompareResponseModel, responses=_ERROR_RESPONSES)
     async def compare(body: CompareBody, request: Request) -> Response:
         """Every requested strategy (default: all) on every micro-batch, side by side."""
         note(request, body, ",".join(body.strategies or ()))
-        service.check_size(num_micro_batches=len(body.micro_batches), num_documents=body.num_documents)
-        rows = await service.compare(body.to_request(service.default_cost_model), body.strategies)
+        service.check_size(
+            num_micro_batches=len(body.micro_batches), num_documents=body.num_documents, cp_size=body.cp_size
+        )
+        work = service.compare(body.to_request(service.default_cost_model), body.strategies)
+        exact = any(_is_exact(name) for name in body.strategies or service.strategies())
+        rows = await (_unless_disconnected(request, work) if exact else work)
         comparisons = [
             {
                 "results": [

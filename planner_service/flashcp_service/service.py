@@ -1,4 +1,4 @@
-"""The one service object both transports wrap: limits, pools and metrics over the planning core."""
+"""The one service object both transports wrap: limits, threads, search processes and metrics over the core."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import asyncio
 import dataclasses
 import logging
 import math
-import multiprocessing
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import flashcp_planner
@@ -20,12 +18,13 @@ from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import Plan
 from flashcp_planner.planner import Comparison
 from flashcp_planner.presets import PRESETS, get_preset
-from flashcp_planner.request import PlanRequest
+from flashcp_planner.request import MAX_CP_SIZE, PlanRequest
 from flashcp_planner.strategies import STRATEGIES, Strategy, get_strategy
 
 from flashcp_service.errors import DeadlineExceeded, Overloaded, RequestTooLarge, ShuttingDown
 from flashcp_service.metrics import ServiceMetrics
 from flashcp_service.settings import Settings
+from flashcp_service.solver_processes import SearchDied, SolverProcess
 
 __all__ = ["PlannerService"]
 
@@ -40,19 +39,10 @@ Comparisons = tuple[tuple[Comparison, ...], ...]
 
 
 def _solve_in_worker(request: PlanRequest, strategies: tuple[str, ...] | None, compare: bool):
-    """Runs in a solver process: plan or compare ``request`` with the core."""
+    """Runs in a search process: plan or compare ``request`` with the core."""
     if compare:
         return flashcp_planner.compare(request, strategies)
     return flashcp_planner.plan(request)
-
-
-def _init_worker(memory_bytes: int) -> None:
-    """Solver-process initializer: cap the address space, import the core before the first job."""
-    if memory_bytes:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    import flashcp_planner.strategies  # noqa: F401
 
 
 def _check_finite(plan: Plan) -> None:
@@ -70,14 +60,15 @@ def _check_finite(plan: Plan) -> None:
 class PlannerService:
     """Plans requests for any transport, enforcing the server's limits.
 
-    Heuristic strategies run on the event loop (small requests) or in a thread
-    pool (large ones); exact strategies (``is_optimal``, i.e. ``optimum``) run
-    in a process pool of ``settings.solver_workers`` processes with at most
-    ``settings.solver_queue`` more searches waiting, so heuristic requests never
-    queue behind a search. Cancelling the awaiting task (client cancel or
-    deadline) cancels queued searches; a running one stops at its time limit,
-    which the server caps at ``settings.max_solver_time_s`` and the caller's
-    remaining deadline, and keeps its slot until then.
+    Heuristic strategies run in a thread pool (or, below
+    ``settings.inline_max_documents``, on the event loop). Exact strategies
+    (``is_optimal``, i.e. ``optimum``) run one process per search
+    (:class:`SolverProcess`), at most ``settings.solver_workers`` at a time with
+    at most ``settings.solver_queue`` more waiting, so heuristic requests never
+    queue behind a search. The search time limit is capped by
+    ``settings.max_solver_time_s`` and the caller's remaining deadline.
+    Cancelling the awaiting task (gRPC cancel or expired deadline) removes a
+    waiting search from the queue and kills a running one.
 
     Args:
         settings: limits and pool sizes; ``Settings()`` (environment) when None.
@@ -87,7 +78,7 @@ class PlannerService:
     """
 
     solver_entry: ClassVar[Callable] = staticmethod(_solve_in_worker)
-    """Module-level function the solver processes run (tests substitute a gated one)."""
+    """Picklable function each search process runs (tests substitute a gated one)."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings if settings is not None else Settings()
@@ -96,7 +87,6 @@ class PlannerService:
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.heuristic_threads, thread_name_prefix="flashcp-plan"
         )
-        self._solver_pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._solver_jobs = 0
         """Admitted exact searches: waiting for a worker, running, or orphaned but still running."""
@@ -123,12 +113,9 @@ class PlannerService:
             await hook()
 
     def close(self) -> None:
-        """Shut the pools down (waits for running work)."""
+        """Shut the heuristic threads down (waits for running work); searches die with their tasks."""
         self._accepting = False
         self._threads.shutdown(wait=True, cancel_futures=True)
-        if self._solver_pool is not None:
-            self._solver_pool.shutdown(wait=True, cancel_futures=True)
-            self._solver_pool = None
 
     # ------------------------------------------------------------ listings
 
@@ -142,7 +129,7 @@ class PlannerService:
 
     # ------------------------------------------------------------ limits
 
-    def check_size(self, *, num_micro_batches: int, num_documents: int) -> None:
+    def check_size(self, *, num_micro_batches: int, num_documents: int, cp_size: int = 1) -> None:
         """Raise :class:`RequestTooLarge` when a request exceeds the count limits.
 
         Transports call this before decoding the request into core objects.
@@ -158,6 +145,13 @@ class PlannerService:
                 f"micro_batches: {num_documents} documents exceed the server limit of {self.settings.max_documents}",
                 field="micro_batches",
             )
+        # An out-of-range cp_size is the core's to report (INVALID_ARGUMENT / 422).
+        if 1 <= cp_size <= MAX_CP_SIZE and num_documents * cp_size > self.settings.max_document_ranks:
+            raise RequestTooLarge(
+                f"cp_size: {num_documents} documents x {cp_size} ranks exceed the server limit of "
+                f"{self.settings.max_document_ranks} document-ranks (plans grow with both)",
+                field="cp_size",
+            )
 
     def _admit(self, request: PlanRequest) -> None:
         if not self._accepting:
@@ -165,6 +159,7 @@ class PlannerService:
         self.check_size(
             num_micro_batches=len(request.micro_batches),
             num_documents=sum(len(mb) for mb in request.micro_batches),
+            cp_size=request.cp_size,
         )
 
     # ------------------------------------------------------------ planning
@@ -235,21 +230,8 @@ class PlannerService:
             return request
         return dataclasses.replace(request, options=dataclasses.replace(request.options, time_limit_s=limit))
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._solver_pool is None:
-            # spawn, not fork: forking a process that runs gRPC threads is unsafe.
-            self._solver_pool = ProcessPoolExecutor(
-                max_workers=self.settings.solver_workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(self.settings.solver_memory_bytes,),
-            )
-        return self._solver_pool
-
-    # A worker permit is held from submission until the search really ends, even
-    # when its caller has left, so at most ``solver_workers`` searches ever sit in
-    # the executor and every waiting search is still cancellable (the executor
-    # itself marks queued calls as running and will not cancel them).
+    # Worker permits: at most ``solver_workers`` search processes at a time; a
+    # waiting search is a future in ``_waiters`` and leaves the queue when cancelled.
 
     async def _acquire_worker(self) -> None:
         with self._lock:
@@ -286,11 +268,6 @@ class PlannerService:
         except RuntimeError:  # the waiter's loop is closed: nobody waits there any more
             self._release_worker()
 
-    def _search_ended(self, _future: Future) -> None:
-        with self._lock:
-            self._solver_jobs -= 1
-        self._release_worker()
-
     async def _solve(self, request, strategies, *, compare: bool, time_remaining_s: float | None):
         loop = asyncio.get_running_loop()
         deadline = None if time_remaining_s is None else loop.time() + time_remaining_s
@@ -307,34 +284,42 @@ class PlannerService:
             )
         try:
             await self._acquire_worker()
-        except BaseException:
-            with self._lock:
-                self._solver_jobs -= 1
-            raise
-        try:
-            remaining = None if deadline is None else deadline - loop.time()
-            request = self._bounded_time_limit(request, remaining)
             try:
-                future = self._pool().submit(self.solver_entry, request, strategies, compare)
-            except BrokenProcessPool:
-                self._solver_pool = None
-                future = self._pool().submit(self.solver_entry, request, strategies, compare)
-        except BaseException:
+                remaining = None if deadline is None else deadline - loop.time()
+                request = self._bounded_time_limit(request, remaining)
+                return await self._run_search(request, strategies, compare)
+            finally:
+                self._release_worker()
+        finally:
             with self._lock:
                 self._solver_jobs -= 1
-            self._release_worker()
+
+    async def _run_search(self, request: PlanRequest, strategies, compare: bool):
+        # Starting a process talks to the fork server (which the very first search
+        # also has to start): off the event loop, and never lost if the caller leaves.
+        starting = asyncio.ensure_future(
+            asyncio.to_thread(
+                SolverProcess,
+                self.solver_entry,
+                (request, strategies, compare),
+                memory_bytes=self.settings.solver_memory_bytes,
+            )
+        )
+        try:
+            search = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            starting.add_done_callback(lambda f: f.exception() is None and f.result().stop())
             raise
-        future.add_done_callback(self._search_ended)
         timeout = request.options.time_limit_s * len(request.micro_batches) + _SOLVER_GRACE_S
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), timeout=timeout)
+            return await asyncio.wait_for(search.result(), timeout=timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"the exact search did not finish within {timeout:.1f} s") from None
-        except BrokenProcessPool:
-            _log.error("a solver process died (memory limit %d bytes); starting a new pool",
-                       self.settings.solver_memory_bytes)
-            self._solver_pool = None
+        except SearchDied as exc:
+            _log.warning("%s (memory limit %d bytes)", exc, self.settings.solver_memory_bytes)
             raise RequestTooLarge(
                 "the exact search died, most likely over the solver memory limit; "
                 "use fewer documents or a heuristic strategy"
             ) from None
+        finally:
+            search.stop()  # kills a search whose caller cancelled or timed out

@@ -25,6 +25,7 @@ def small_settings(**overrides) -> Settings:
         http_port=0,
         grpc_port=0,
         max_documents=2000,
+        max_document_ranks=50_000,
         max_micro_batches=16,
         max_request_bytes=256 * 1024,
         max_solver_time_s=5.0,

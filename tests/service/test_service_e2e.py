@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -108,3 +112,38 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
     served_at = [i for i, line in enumerate(log) if line.get("logger") == "flashcp_service.access"
                  and line.get("strategy") == "optimum"]
     assert len(served_at) == 2 and min(served_at) > drain_at, "both searches finished after the drain began"
+
+
+def test_bad_settings_and_busy_ports_fail_fast(server_process) -> None:
+    base = [sys.executable, "-m", "flashcp_service", "--host", "127.0.0.1"]
+    bad = subprocess.run([*base, "--http-port", "99999"], capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "http_port" in bad.stderr
+    env = {**os.environ, "FLASHCP_MAX_DOCUMENTS": "0"}
+    bad_env = subprocess.run(base, capture_output=True, text=True, timeout=60, check=False, env=env)
+    assert bad_env.returncode == 2 and "max_documents" in bad_env.stderr
+    taken = server_process.http_url.rsplit(":", 1)[1]
+    busy = subprocess.run([*base, "--http-port", taken, "--grpc-port", "0"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert busy.returncode == 1 and "cannot start" in busy.stderr
+
+
+def test_http_client_disconnect_cancels_its_search(server_process) -> None:
+    host, port = server_process.http_url.removeprefix("http://").split(":")
+    body = json.dumps({"micro_batches": [[100 + (487 * i) % 7900 for i in range(16)]], "cp_size": 4,
+                       "strategy": "optimum", "options": {"time_limit_s": 60, "num_workers": 1}}).encode()
+    head = (f"POST /v1/plan HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"x-request-id: gone-1\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 30
+        while _in_flight(server_process.http_url) < 2 and time.monotonic() < deadline:  # the search + this scrape
+            time.sleep(0.05)
+    # The search had 60 s; its access line (status 499) appears as soon as the server notices the disconnect.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        gone = [line for line in server_process.log_lines() if line.get("request_id") == "gone-1"]
+        if gone:
+            break
+        time.sleep(0.1)
+    assert gone and gone[0]["status"] == "499", gone
+    assert _in_flight(server_process.http_url) == 1  # only this scrape

@@ -89,6 +89,8 @@ def test_size_limits_are_resource_exhausted(grpc_stub, service) -> None:
     assert "documents" in error.details()
     huge = pb.MicroBatch(doc_lengths=[1 << 30] * (service.settings.max_request_bytes // 4))
     assert _error(grpc_stub.Plan, _request(micro_batches=[huge])).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    wide = _error(grpc_stub.Plan, _request(micro_batches=[pb.MicroBatch(doc_lengths=[5] * 1000)], cp_size=64))
+    assert wide.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "document-ranks" in wide.details()
     batches = [pb.MicroBatch(doc_lengths=[5])] * (service.settings.max_micro_batches + 1)
     assert _error(grpc_stub.Plan, _request(micro_batches=batches)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -164,3 +166,12 @@ def test_metrics_include_grpc_traffic(grpc_stub, http_client) -> None:
     text = http_client.get("/metrics").text
     assert 'flashcp_requests_total{route="Plan",status="OK",transport="grpc"} 1.0' in text
     assert 'flashcp_requests_total{route="Plan",status="INVALID_ARGUMENT",transport="grpc"} 1.0' in text
+
+
+def test_stream_reports_undecodable_messages_in_band(grpc_server) -> None:
+    with grpc.insecure_channel(grpc_server.target) as channel:
+        raw = channel.stream_stream(f"/{SERVICE_NAME}/PlanStream")  # identity (de)serializers: raw bytes
+        replies = [pb.PlanStreamResponse.FromString(r)
+                   for r in raw(iter([b"\xff\xff\xff garbage", _request(request_id="ok").SerializeToString()]))]
+    assert replies[0].error.code == "INVALID_ARGUMENT" and "not a valid" in replies[0].error.message
+    assert replies[1].request_id == "ok" and len(replies[1].response.plans) == 2

@@ -90,6 +90,10 @@ def test_size_limits_are_413(http_client, service) -> None:
     response = http_client.post("/v1/plan", json=too_many_docs)
     assert response.status_code == 413
     assert response.json()["error"]["field"] == "micro_batches"
+    wide = {"micro_batches": [[5] * 1000], "cp_size": 64}  # 64,000 document-ranks > 50,000
+    response = http_client.post("/v1/plan", json=wide)
+    assert response.status_code == 413
+    assert response.json()["error"]["field"] == "cp_size"
     too_big = b'{"micro_batches": [[' + b"1," * service.settings.max_request_bytes + b"1]], \"cp_size\": 2}"
     response = http_client.post("/v1/plan", content=too_big, headers={"content-type": "application/json"})
     assert response.status_code == 413

@@ -1,13 +1,14 @@
-"""Exact searches run in a bounded process pool: heuristics never wait, overload is refused, cancels free slots.
+"""Exact searches run in bounded, killable processes: heuristics never wait, overload is refused, cancels free slots.
 
-The solver processes run :func:`gated_solve`, which waits for a gate file
-before calling the real planner, so every ordering below is forced rather
-than timed.
+The search processes run :func:`gated_solve`, which records its pid and waits
+for a gate file before calling the real planner, so every ordering below is
+forced rather than timed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from pathlib import Path
@@ -17,33 +18,53 @@ import pytest
 from flashcp import codec
 from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner import PlanOptions, PlanRequest, plan
-from flashcp_service import Overloaded, PlannerService
+from flashcp_service import Overloaded, PlannerService, RequestTooLarge
 from flashcp_service.errors import DeadlineExceeded
 from flashcp_service.service import _solve_in_worker
 from service_testing import GrpcServerThread, small_settings
 
-GATE_ENV = "FLASHCP_TEST_SOLVER_GATE"
 TINY = [[100, 200, 3000, 50]]
 
 
-def gated_solve(request, strategies, compare):
-    """Runs in the spawned solver process (importable there: spawn passes sys.path on)."""
-    gate = Path(os.environ[GATE_ENV])
+def gated_solve(gate: str, request, strategies, compare):
+    """Runs in the search process (importable there: the fork server passes sys.path on)."""
+    Path(gate).with_name(f"pid-{os.getpid()}").touch()
     deadline = time.monotonic() + 120
-    while not gate.exists() and time.monotonic() < deadline:
+    while not Path(gate).exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     return _solve_in_worker(request, strategies, compare)
 
 
 class GatedService(PlannerService):
-    solver_entry = staticmethod(gated_solve)
+    def __init__(self, settings, gate: Path) -> None:
+        super().__init__(settings)
+        self.solver_entry = functools.partial(gated_solve, str(gate))
+
+
+def _search_pids(gate: Path) -> list[int]:
+    return [int(p.name.removeprefix("pid-")) for p in gate.parent.glob("pid-*")]
+
+
+def _wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture
-def gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "open"
-    monkeypatch.setenv(GATE_ENV, str(path))  # inherited by the solver processes spawned later
-    return path
+def gate(tmp_path: Path) -> Path:
+    return tmp_path / "open"
 
 
 def _optimum(lengths=TINY, *, time_limit_s: float = 5.0) -> PlanRequest:
@@ -63,7 +84,7 @@ def test_optimum_through_the_pool_equals_in_process_planning() -> None:
 
 
 def test_heuristics_do_not_wait_for_a_search_and_overload_is_refused(gate: Path) -> None:
-    service = GatedService(small_settings(solver_workers=1, solver_queue=1))
+    service = GatedService(small_settings(solver_workers=1, solver_queue=1), gate)
 
     async def scenario():
         running = asyncio.create_task(service.plan(_optimum()))
@@ -87,7 +108,7 @@ def test_heuristics_do_not_wait_for_a_search_and_overload_is_refused(gate: Path)
 
 
 def test_cancelled_caller_frees_its_queued_slot(gate: Path) -> None:
-    service = GatedService(small_settings(solver_workers=1, solver_queue=1))
+    service = GatedService(small_settings(solver_workers=1, solver_queue=1), gate)
 
     async def scenario():
         running = asyncio.create_task(service.plan(_optimum()))
@@ -115,7 +136,7 @@ def test_cancelled_caller_frees_its_queued_slot(gate: Path) -> None:
 
 
 def test_grpc_deadline_is_honoured_and_cancels_queued_work(gate: Path) -> None:
-    service = GatedService(small_settings(solver_workers=1, solver_queue=2))
+    service = GatedService(small_settings(solver_workers=1, solver_queue=2), gate)
     server = GrpcServerThread(service)
     try:
         with grpc.insecure_channel(server.target) as channel:
@@ -161,3 +182,35 @@ def test_compare_with_optimum_runs_in_the_pool(grpc_stub) -> None:
     flashcp, optimum = rows[0]
     assert optimum.plan.optimality is not None
     assert optimum.plan.makespan_ms <= flashcp.plan.makespan_ms * (1 + 1e-9)
+
+
+def test_cancelling_a_running_search_kills_its_process(gate: Path) -> None:
+    service = GatedService(small_settings(solver_workers=1, solver_queue=0), gate)
+
+    async def scenario():
+        running = asyncio.create_task(service.plan(_optimum()))
+        while not _search_pids(gate):
+            await asyncio.sleep(0.02)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert service._solver_jobs == 0 and service._workers_busy == 0
+        return _search_pids(gate)[0]
+
+    try:
+        pid = asyncio.run(scenario())
+        assert _wait_for(lambda: not _alive(pid)), "the cancelled search process is still running"
+    finally:
+        gate.touch()
+        service.close()
+
+
+def test_a_search_over_its_memory_limit_fails_alone() -> None:
+    service = PlannerService(small_settings(solver_memory_bytes=1))  # every allocation in the search fails
+    try:
+        with pytest.raises(RequestTooLarge, match="memory"):
+            asyncio.run(service.plan(_optimum()))
+        assert service._solver_jobs == 0 and service._workers_busy == 0
+        assert asyncio.run(service.plan(PlanRequest(micro_batches=TINY, cp_size=2)))[0].strategy == "flashcp"
+    finally:
+        service.close()

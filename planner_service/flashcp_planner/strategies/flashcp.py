@@ -23,7 +23,7 @@ nodes; ``allow_sub_group=False`` leaves only k = N.
    times decreases strictly, so the loop terminates (and is bounded anyway).
 3. **Candidates** (:func:`heuristic_placements`). Small instances (<= 64 documents)
    run the greedy with several ``alpha`` (multi-start), then a seeded ruin-and-
-   recreate search (<= 32 documents). When the greedy split a document that fitted
+   recreate search (<= 32 documents, fixed seed). When the greedy split a document that fitted
    whole, pure LPT (``alpha`` = 0, exactly the ``whole_doc`` baseline's placement)
    is run and improved too unless a bound shows it cannot win, so the result is
    never worse than ``whole_doc``. All-Per-Doc is scored unless a lower bound rules
@@ -60,12 +60,17 @@ _STOP_IMBALANCE_SMALL = 1e-7
 _ALPHAS = (1.1, 1.25, 1.5, 2.0, 3.0)
 """Extra greedy runs (multi-start) with looser split limits, on instances of up to _SMALL_INSTANCE documents."""
 _SMALL_INSTANCE = 64
-"""Up to this many documents: multi-start, every improvement move each round, compound moves; above,
-splits are tried only when no cheaper whole-document move improves."""
+"""Up to this many documents: multi-start; with N <= _SMALL_CP also every improvement move each round and
+compound moves. Above, splits are tried only when no cheaper whole-document move improves."""
+_SMALL_CP = 16
+_COMPOUND_EVICT = 6
+"""Compound moves displacing more whole documents than this are not tried."""
+_COMPOUND_TARGETS = 4
+"""A displaced document is re-inserted on its rank or on one of this many least-loaded ranks."""
 _LNS_DOCS = 32
-"""Instances of up to this many documents get a final ruin-and-recreate search."""
+"""Instances of up to this many documents (and N <= _SMALL_CP) get a final ruin-and-recreate search."""
 _LNS_ROUNDS = 100
-_LNS_PATIENCE = 40
+_LNS_PATIENCE = 50
 """Stop the ruin-and-recreate search after this many rounds without improvement."""
 _LNS_SEED = 0x5EED
 
@@ -108,6 +113,8 @@ class PlacementSearch:
         self.comm = comm
         self.ks = group_sizes(self.n, ctx.options.allow_sub_group)
         self.whole_ms = [self.cm.attention_ms(0, length) for length in self.lengths]
+        self.small = len(self.lengths) <= _SMALL_INSTANCE and self.n <= _SMALL_CP
+        """Small instances get the exhaustive improvement moves (every group, compound moves)."""
         self._cache: dict[tuple[int, int, int], tuple[Share, ...]] = {}
         gpn = self.cm.gpus_per_node
         self._shift_ok = {k: (k <= gpn and gpn % k == 0) or k % gpn == 0 for k in self.ks}
@@ -240,7 +247,7 @@ class PlacementSearch:
             totals = state.totals()
         best: Placement | None = None
         best_time = bound
-        tries = self.n if len(self.lengths) <= _SMALL_INSTANCE else 2
+        tries = self.n if self.small else 2
         for k in self.ks:
             blocks = sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k))
             for _, g0 in blocks[:tries]:
@@ -275,7 +282,7 @@ class PlacementSearch:
         n = self.n
         lengths = self.lengths
         lin = self.cm.linear_ms_per_token
-        small = len(lengths) <= _SMALL_INSTANCE
+        small = self.small
         stop = _STOP_IMBALANCE_SMALL if small else _STOP_IMBALANCE
         for _ in range(2 * n + 32):
             totals = state.totals()
@@ -345,22 +352,29 @@ class PlacementSearch:
         evicting the whole documents of the ranks it lands on and re-inserting them one by one where they
         end soonest. Keeps the first combination that brings every rank below ``cur``; else undoes all."""
         state, placement, touch = run.state, run.placement, run.touch
-        docs = [d for _, d in reversed(whole_here[-3:])] + split_here[:2]
+        tiny = len(self.lengths) <= _LNS_DOCS
+        docs = [d for _, d in reversed(whole_here[-3 if tiny else -2:])] + split_here[:2 if tiny else 1]
+        totals = state.totals()
+        lowest = sorted(range(self.n), key=lambda x: (totals[x], x))[:self.n if tiny else _COMPOUND_TARGETS]
         for d in docs:
-            options = [(s, 1) for s in range(self.n) if s != r or placement[d][1] != 1]
+            options = [(s, 1) for s in lowest if s != r or placement[d][1] != 1]
             options += [(g0, k) for k in self.ks for g0 in range(0, self.n, k)]
             for option in options:
                 if option == placement[d]:
                     continue
-                journal: list[tuple[int, Placement]] = [(d, placement[d])]
-                self._move(state, placement, touch, d, option)
                 landed = {share[0] for share in self.shares(d, *option)}
                 evicted = sorted({e for t in landed for e in touch[t] if e != d and placement[e][1] == 1},
                                  key=lambda e: (-self.lengths[e], e))
+                if len(evicted) > _COMPOUND_EVICT:
+                    continue
+                journal: list[tuple[int, Placement]] = [(d, placement[d])]
+                self._move(state, placement, touch, d, option)
+                totals = state.totals()
+                targets = sorted(range(self.n), key=lambda x: (totals[x], x))[:self.n if tiny else _COMPOUND_TARGETS]
                 for e in evicted:
                     current = self.shares(e, *placement[e])
                     best_s, best_t = placement[e][0], float("inf")
-                    for s in range(self.n):
+                    for s in sorted({placement[e][0], *targets}):
                         t, ok = state.peek(current, self.shares(e, s, 1))
                         if ok and t < best_t:
                             best_s, best_t = s, t
@@ -376,8 +390,9 @@ class PlacementSearch:
 
     def ruin_recreate(self, run: _Run, rounds: int) -> None:
         """Large-neighbourhood search: free the slowest rank and two others (fixed-seed choice), re-insert their
-        documents roughly longest first (seeded jitter) at the option that ends soonest; keep strict
-        improvements of the makespan."""
+        documents roughly longest first (seeded jitter), alternately at the option that ends soonest and at
+        the best fit under the current makespan; keep strict improvements. Stops after ``rounds`` rounds or
+        :data:`_LNS_PATIENCE` rounds without improvement."""
         state, placement, touch = run.state, run.placement, run.touch
         rng = random.Random(_LNS_SEED)
         best = max(state.totals())
@@ -390,7 +405,7 @@ class PlacementSearch:
             r = max(range(self.n), key=lambda x: (totals[x], -x))
             ranks = [r, *rng.sample([x for x in range(self.n) if x != r], min(2, self.n - 1))]
             freed = sorted({d for t in ranks for d in touch[t] if placement[d][1] != FILL})
-            noise = {d: 1.0 + 1.0 * rng.random() for d in freed}
+            noise = {d: 1.0 + rng.random() for d in freed}
             docs = sorted(freed, key=lambda d: (-self.lengths[d] * noise[d], d))
             old = [(d, placement[d]) for d in docs]
             for d in docs:
@@ -538,7 +553,7 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
     best = (score(run), list(run.placement), run.fills)
     best_run = run
     alphas: tuple[float, ...] = ()
-    if run.split and len(search.lengths) <= _SMALL_INSTANCE:
+    if run.split and search.small:
         alphas = (*_ALPHAS, 0.0)
     elif run.deviated and best[0] > _whole_only_lower_bound(search):
         alphas = (0.0,)  # pure LPT could still win: run it (never worse than the whole_doc baseline)
@@ -549,7 +564,7 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
             if score(other) < best[0]:
                 best = (score(other), list(other.placement), other.fills)
                 best_run = other
-    if len(search.lengths) <= _LNS_DOCS and search.n > 1:
+    if len(search.lengths) <= _LNS_DOCS and 1 < search.n <= _SMALL_CP:
         search.ruin_recreate(best_run, _LNS_ROUNDS)
         if score(best_run) < best[0]:
             best = (score(best_run), list(best_run.placement), best_run.fills)
