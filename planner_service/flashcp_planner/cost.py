@@ -19,6 +19,7 @@ Constants and their sources live in :mod:`flashcp_planner.presets`.
 from __future__ import annotations
 
 import math
+import operator
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,16 @@ class CostModel:
             self._whole_cache[end] = ms
         return ms
 
+    def whole_attention_ms(self, lengths: Sequence[int]) -> list[float]:
+        """``[attention_ms(0, length) for length in lengths]`` (same floats), through the memo in bulk."""
+        cache = self._whole_cache
+        missing = set(lengths).difference(cache)
+        if len(cache) + len(missing) > _WHOLE_CACHE_SIZE:
+            return [self.attention_ms(0, length) for length in lengths]
+        for length in missing:
+            self.attention_ms(0, length)
+        return list(map(cache.__getitem__, lengths))
+
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""
         return self.attention_ideal_ms_of_pairs(length * (length + 1) // 2)
@@ -204,48 +215,51 @@ def rank_costs(
     """Score every rank of a layout. ``transfers`` must be the full forward list (all modes)."""
     n = len(rank_segments)
     kv = cost_model.kv_bytes_per_token
-    recv = [[0, 0] for _ in range(n)]  # [intra, inter] bytes received in forward
-    send = [[0, 0] for _ in range(n)]  # [intra, inter] bytes sent in forward = received in backward
-    for t in transfers:
-        link = 0 if cost_model.same_node(t.src, t.dst) else 1
-        nbytes = t.num_tokens * kv
-        recv[t.dst][link] += nbytes
-        send[t.src][link] += nbytes
-
-    owned_prefix: list[dict[int, int]] = []
-    for segments in rank_segments:
-        # Keys [0, end) of a segment are local iff the rank owns [0, end) contiguously.
-        prefix: dict[int, int] = {}
-        for seg in segments:  # local order is (doc, start), so a prefix grows in order
-            if seg.start == prefix.get(seg.doc, 0):
-                prefix[seg.doc] = seg.end
-        owned_prefix.append(prefix)
+    gpn = cost_model.gpus_per_node
+    recv = [[0, 0] for _ in range(n)]  # [intra, inter] tokens received in forward
+    send = [[0, 0] for _ in range(n)]  # [intra, inter] tokens sent in forward = received in backward
+    for src, dst, _, start, end in transfers:
+        link = 0 if src // gpn == dst // gpn else 1
+        recv[dst][link] += end - start
+        send[src][link] += end - start
 
     costs = []
     attention_ms = cost_model.attention_ms
+    whole_ms = cost_model._whole_cache.get
+    lin = cost_model.linear_ms_per_token
+    overlap = cost_model.overlap_fraction
+    link_ms = cost_model.link_ms
     for r, segments in enumerate(rank_segments):
         tokens = 0
         attention = 0.0
         local_attention = 0.0
-        prefix = owned_prefix[r]
-        for seg in segments:
-            start, end = seg.start, seg.end
+        prefix: dict[int, int] = {}  # doc -> end of the rank's contiguous run of keys from 0
+        for doc, start, end in segments:  # local order is (doc, start), so a prefix grows in order
             tokens += end - start
-            ms = attention_ms(start, end)
+            if start == 0:
+                ms = whole_ms(end)
+                if ms is None:
+                    ms = attention_ms(0, end)
+                prefix[doc] = end
+                local_attention += ms  # keys [0, end) of a segment are local iff the rank owns them all
+            else:
+                ms = attention_ms(start, end)
+                if prefix.get(doc) == start:
+                    prefix[doc] = end
+                    local_attention += ms
             attention += ms
-            if end <= prefix.get(seg.doc, 0):
-                local_attention += ms
-        comm = cost_model.link_ms(recv[r][0], recv[r][1]) + cost_model.link_ms(send[r][0], send[r][1])
-        exposed = max(0.0, comm - cost_model.overlap_fraction * local_attention)
+        (ri, rx), (si, sx) = recv[r], send[r]
+        comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
+        exposed = max(0.0, comm - overlap * local_attention)
         costs.append(
             RankCost(
                 tokens=tokens,
-                linear_ms=tokens * cost_model.linear_ms_per_token,
+                linear_ms=tokens * lin,
                 attention_ms=attention,
                 comm_ms=comm,
                 exposed_comm_ms=exposed,
-                recv_bytes=recv[r][0] + recv[r][1],
-                send_bytes=send[r][0] + send[r][1],
+                recv_bytes=(ri + rx) * kv,
+                send_bytes=(si + sx) * kv,
             )
         )
     return tuple(costs)
@@ -253,7 +267,7 @@ def rank_costs(
 
 def lower_bound_ms(doc_lengths: Sequence[int], cp_size: int, cost_model: CostModel) -> float:
     """Perfect balance, full kernel efficiency, no exposed communication."""
-    pairs = sum(length * (length + 1) for length in doc_lengths) // 2
+    pairs = sum(map(operator.mul, doc_lengths, map((1).__add__, doc_lengths))) // 2
     attention = cost_model.attention_ideal_ms_of_pairs(pairs)
     linear = sum(doc_lengths) * cost_model.linear_ms_per_token
     return (attention + linear) / cp_size

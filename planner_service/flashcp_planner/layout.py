@@ -21,6 +21,9 @@ from flashcp_planner.request import PlanContext
 
 __all__ = ["Layout", "head_tail_segments", "sharding_of", "whole", "build_plan"]
 
+_new = tuple.__new__
+"""Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Layout:
@@ -63,7 +66,7 @@ def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tupl
     start = 0
     for size, rank in zip(sizes, owners, strict=True):
         if size:
-            out.append((rank, Segment(doc=doc, start=start, end=start + size)))
+            out.append((rank, _new(Segment, (doc, start, start + size))))
             start += size
     return out
 

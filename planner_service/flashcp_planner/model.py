@@ -9,19 +9,21 @@ Vocabulary (see BACKGROUND.md section 2):
   ``(doc, start)``), how every document is sharded, the KV ranges every rank
   receives and the predicted per-rank cost of one layer, forward + backward.
 
-Every value here is a frozen dataclass so that plans can be shared between
-threads and processes, hashed and compared. ``Plan.to_dict`` gives the JSON
-form used by the CLI, the HTTP API and the client fingerprint.
+Every value here is immutable (frozen dataclasses; named tuples for the
+per-segment records) so that plans can be shared between threads and
+processes, hashed and compared. ``Plan.to_dict`` gives the JSON form used by
+the CLI, the HTTP API and the client fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from flashcp_planner.errors import InvalidRequest
 
@@ -72,9 +74,13 @@ def causal_pairs(start: int, end: int) -> int:
     return (end * (end + 1) - start * (start + 1)) // 2
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Segment:
-    """Query tokens ``[start, end)`` of document ``doc`` owned by one rank."""
+class Segment(NamedTuple):
+    """Query tokens ``[start, end)`` of document ``doc`` owned by one rank.
+
+    Plans hold one per owned piece (tens of thousands per plan), so the plan records created in bulk
+    (:class:`Segment`, :class:`DocSharding`, :class:`KVTransfer`) are immutable named tuples: built
+    with keywords like the other records, and still accepted by ``dataclasses.replace`` / ``fields``.
+    """
 
     doc: int
     """Index of the document in packed order."""
@@ -96,8 +102,7 @@ class Segment:
         return [self.doc, self.start, self.end]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DocSharding:
+class DocSharding(NamedTuple):
     """How one document is sharded and over which ranks."""
 
     doc: int
@@ -109,8 +114,7 @@ class DocSharding:
     group in chunk order for per-doc/sub-group, sorted for packed."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KVTransfer:
+class KVTransfer(NamedTuple):
     """KV of tokens ``[start, end)`` of ``doc`` sent from ``src`` to ``dst`` in forward.
 
     Backward sends dK/dV of the same tokens from ``dst`` back to ``src``.
@@ -125,6 +129,19 @@ class KVTransfer:
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
+
+
+def _dataclass_compatible(cls: type) -> None:
+    """Give a named tuple the dataclass metadata, so ``dataclasses.replace`` / ``fields`` / ``asdict`` keep
+    working on records that used to be frozen dataclasses."""
+    twin = dataclasses.make_dataclass(cls.__name__, [(name, cls.__annotations__[name]) for name in cls._fields],
+                                      frozen=True)
+    cls.__dataclass_fields__ = twin.__dataclass_fields__  # type: ignore[attr-defined]
+    cls.__dataclass_params__ = twin.__dataclass_params__  # type: ignore[attr-defined]
+
+
+for _record in (Segment, DocSharding, KVTransfer):
+    _dataclass_compatible(_record)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -283,7 +300,8 @@ class Plan:
         try:
             version = int(data.get("version", -1))
             if version != PLAN_FORMAT_VERSION:
-                raise InvalidRequest("version", f"unknown plan format version {version}, expected {PLAN_FORMAT_VERSION}")
+                raise InvalidRequest("version",
+                                     f"unknown plan format version {version}, expected {PLAN_FORMAT_VERSION}")
             ranks = tuple(
                 RankPlan(
                     rank=int(r["rank"]),
@@ -301,7 +319,8 @@ class Plan:
                 for r in data["ranks"]
             )
             documents = tuple(
-                DocSharding(doc=int(d["doc"]), kind=ShardingKind(d["sharding"]), ranks=tuple(int(x) for x in d["ranks"]))
+                DocSharding(doc=int(d["doc"]), kind=ShardingKind(d["sharding"]),
+                            ranks=tuple(int(x) for x in d["ranks"]))
                 for d in data["documents"]
             )
             transfers = tuple(
@@ -345,5 +364,6 @@ class Plan:
 
 
 def segments_by_rank(segments: Sequence[Sequence[Segment]]) -> tuple[tuple[Segment, ...], ...]:
-    """Sort every rank's segments into canonical local order ``(doc, start)``."""
-    return tuple(tuple(sorted(rank_segments, key=lambda s: (s.doc, s.start))) for rank_segments in segments)
+    """Sort every rank's segments into canonical local order ``(doc, start)`` (tuple order: segments of one
+    rank never share a ``(doc, start)``)."""
+    return tuple(tuple(sorted(rank_segments)) for rank_segments in segments)

@@ -74,8 +74,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
     """`flashcp serve` itself; two exact searches (one per transport) are in flight when SIGTERM arrives."""
     entry = ["-c", "import sys; from flashcp_planner.cli import main; sys.exit(main())", "serve"]
     server = start_server_process(tmp_path, "--solver-workers", "2", command=[sys.executable, *entry])
-    lengths = [[100 + (487 * i) % 7900 for i in range(16)]]  # CP-SAT needs its full 3 s here
-    body = {"micro_batches": lengths, "cp_size": 4, "strategy": "optimum",
+    lengths = [[100 + (487 * i) % 7900 for i in range(40)]]  # CP-SAT cannot prove this one within 3 s
+    body = {"micro_batches": lengths, "cp_size": 8, "strategy": "optimum",
             "options": {"time_limit_s": 3, "num_workers": 1}}
     results: dict[str, object] = {}
 
@@ -83,7 +83,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
         results["http"] = httpx.post(f"{server.http_url}/v1/plan", json=body, timeout=120)
 
     def grpc_call() -> None:
-        request = PlanRequest(micro_batches=lengths, cp_size=4, strategy="optimum",
+        request = PlanRequest(micro_batches=lengths, cp_size=8, strategy="optimum",
                               options=PlanOptions(time_limit_s=3, num_workers=1))
         with grpc.insecure_channel(server.grpc_target) as channel:
             results["grpc"] = planner_pb2_grpc.PlannerStub(channel).Plan(codec.request_to_pb(request), timeout=120)
@@ -129,7 +129,7 @@ def test_bad_settings_and_busy_ports_fail_fast(server_process) -> None:
 
 def test_http_client_disconnect_cancels_its_search(server_process) -> None:
     host, port = server_process.http_url.removeprefix("http://").split(":")
-    body = json.dumps({"micro_batches": [[100 + (487 * i) % 7900 for i in range(16)]], "cp_size": 4,
+    body = json.dumps({"micro_batches": [[100 + (487 * i) % 7900 for i in range(40)]], "cp_size": 8,
                        "strategy": "optimum", "options": {"time_limit_s": 60, "num_workers": 1}}).encode()
     head = (f"POST /v1/plan HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"x-request-id: gone-1\r\nContent-Length: {len(body)}\r\n\r\n").encode()
@@ -147,3 +147,29 @@ def test_http_client_disconnect_cancels_its_search(server_process) -> None:
         time.sleep(0.1)
     assert gone and gone[0]["status"] == "499", gone
     assert _in_flight(server_process.http_url) == 1  # only this scrape
+
+
+def test_http_connections_disable_nagle() -> None:
+    """Nagle + delayed ACK would add ~40 ms to every HTTP response (the listening socket must say TCP)."""
+    import asyncio
+
+    from flashcp_service.cli import _bind_http_socket
+
+    async def accepted_nodelay() -> int:
+        sock = _bind_http_socket("127.0.0.1", 0)
+        seen = asyncio.get_running_loop().create_future()
+
+        async def on_client(reader, writer) -> None:
+            raw = writer.get_extra_info("socket")
+            seen.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_client, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        value = await asyncio.wait_for(seen, 30)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

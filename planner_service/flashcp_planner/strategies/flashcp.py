@@ -21,7 +21,7 @@ nodes; ``allow_sub_group=False`` leaves only k = N.
    document and re-insert the whole documents it displaces). A move is applied only
    if every rank it touches ends below the old makespan: the sorted vector of rank
    times decreases strictly, so the loop terminates (and is bounded anyway).
-3. **Candidates** (:func:`heuristic_placements`). Small instances (<= 64 documents)
+3. **Candidates** (:func:`heuristic_placements`). Small instances (<= 32 documents)
    run the greedy with several ``alpha`` (multi-start), then a seeded ruin-and-
    recreate search (<= 32 documents, fixed seed). When the greedy split a document that fitted
    whole, pure LPT (``alpha`` = 0, exactly the ``whole_doc`` baseline's placement)
@@ -35,8 +35,11 @@ Deterministic: ties broken by index, the only random choices use a fixed seed.
 from __future__ import annotations
 
 import heapq
+import operator
 import random
 from dataclasses import dataclass
+from itertools import groupby, repeat
+from operator import itemgetter
 from typing import ClassVar
 
 from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
@@ -59,7 +62,7 @@ _STOP_IMBALANCE = 1e-3
 _STOP_IMBALANCE_SMALL = 1e-7
 _ALPHAS = (1.1, 1.25, 1.5, 2.0, 3.0)
 """Extra greedy runs (multi-start) with looser split limits, on instances of up to _SMALL_INSTANCE documents."""
-_SMALL_INSTANCE = 64
+_SMALL_INSTANCE = 32
 """Up to this many documents: multi-start; with N <= _SMALL_CP also every improvement move each round and
 compound moves. Above, splits are tried only when no cheaper whole-document move improves."""
 _SMALL_CP = 16
@@ -73,7 +76,6 @@ _LNS_ROUNDS = 100
 _LNS_PATIENCE = 50
 """Stop the ruin-and-recreate search after this many rounds without improvement."""
 _LNS_SEED = 0x5EED
-
 
 def group_sizes(cp_size: int, allow_sub_group: bool) -> list[int]:
     """Group sizes k >= 2 a document may be split over: powers of two dividing N, and N itself."""
@@ -112,7 +114,7 @@ class PlacementSearch:
         self.capacity = ctx.capacity
         self.comm = comm
         self.ks = group_sizes(self.n, ctx.options.allow_sub_group)
-        self.whole_ms = [self.cm.attention_ms(0, length) for length in self.lengths]
+        self.whole_ms = self.cm.whole_attention_ms(self.lengths)
         self.small = len(self.lengths) <= _SMALL_INSTANCE and self.n <= _SMALL_CP
         """Small instances get the exhaustive improvement moves (every group, compound moves)."""
         self._cache: dict[tuple[int, int, int], tuple[Share, ...]] = {}
@@ -157,34 +159,35 @@ class PlacementSearch:
         split_floor = _SPLIT_CANDIDATE * target if alpha and self.ks else float("inf")
         key = [0.0] * n  # the whole_doc baseline's LPT key while placements are whole
         heap = [(0.0, r) for r in range(n)]
-        heappop, heappush = heapq.heappop, heapq.heappush
+        heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
         deviated = split_any = False
+        blocked: list[tuple[int, int]] = []  # (-room, rank): ranks without room for the current document
         for d in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):  # stable: ties by index
             length = lengths[d]
             w = whole_ms[d]
-            skipped = []
+            while blocked and -blocked[0][0] >= length:  # documents only shrink: a rank regains a chance
+                r = heappop(blocked)[1]
+                heappush(heap, (key[r], r))
             r = -1
             while heap:
-                t, cand = heappop(heap)
+                t, cand = heap[0]  # r stays at the top of the heap until its key changes
                 if t != key[cand]:
-                    continue  # stale entry
-                if tok[cand] + length <= capacity:
+                    heappop(heap)  # stale entry
+                elif tok[cand] + length <= capacity:
                     r = cand
                     break
-                skipped.append((t, cand))
-            for item in skipped:
-                heappush(heap, item)
+                else:
+                    heappop(heap)
+                    heappush(blocked, (tok[cand] - capacity, cand))
             if r >= 0 and w + length * lin < split_floor:
                 tok[r] += length  # fast path: whole on the least-loaded rank (LoadState.add inlined)
                 attn[r] += w
                 local[r] += w
-                state.add_tokens(r, length)
                 placement[d] = (r, 1)
                 key[r] += w + length * lin
-                heappush(heap, (key[r], r))
+                heapreplace(heap, (key[r], r))
                 continue
-            if r >= 0:
-                heappush(heap, (key[r], r))
+            state.sync_tokens()
             choice = self._choose(state, d, r, limit, alpha)
             if choice is None or choice[1] != 1:
                 split_any = True
@@ -202,6 +205,7 @@ class PlacementSearch:
                 rank = share[0]
                 key[rank] = key[rank] + w + length * lin if choice[1] == 1 else state.total(rank)
                 heappush(heap, (key[rank], rank))
+        state.sync_tokens()
         touch: list[set[int]] = [set() for _ in range(n)]
         for d, (g0, k) in enumerate(placement):
             if k == 1:
@@ -228,7 +232,7 @@ class PlacementSearch:
         for k in self.ks:
             blocks = sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k))
             for _, g0 in blocks[:2]:
-                t, inc, fits = state.peek_sum((), self.shares(d, g0, k))
+                t, inc, fits = state.peek_sum((), self.shares(d, g0, k), totals=totals)
                 if fits:
                     candidates.append(((g0, k), t, inc))
         if not candidates:
@@ -301,7 +305,7 @@ class PlacementSearch:
                     continue
                 gap = cur - totals[s]
                 for d in self._near(whole_here, gap / 2):
-                    t, fits = state.peek(self.shares(d, r, 1), self.shares(d, s, 1))
+                    t, fits = state.peek_shift(r, s, lengths[d], self.whole_ms[d])
                     if fits and t < best_time:
                         best_time, best_move = t, (d, (s, 1), -1, (0, 0))
             if best_move is None and whole_here:
@@ -314,8 +318,8 @@ class PlacementSearch:
                         for e in self._near(there, w - half_gap):
                             if e == d:
                                 continue
-                            t, fits = state.peek(self.shares(d, r, 1) + self.shares(e, s, 1),
-                                                 self.shares(d, s, 1) + self.shares(e, r, 1))
+                            t, fits = state.peek_shift(r, s, lengths[d] - lengths[e],
+                                                       self.whole_ms[d] - self.whole_ms[e])
                             if fits and t < best_time:
                                 best_time, best_move = t, (d, (s, 1), e, (r, 1))
             if best_move is not None and not small:
@@ -437,8 +441,9 @@ class PlacementSearch:
         fit: Placement | None = None
         fit_key = (float("-inf"), float("-inf"))
         options = [(s, 1) for s in range(self.n)] + [(g0, k) for k in self.ks for g0 in range(0, self.n, k)]
+        totals = state.totals()
         for option in options:
-            t, inc, fits = state.peek_sum((), self.shares(d, *option))
+            t, inc, fits = state.peek_sum((), self.shares(d, *option), totals=totals)
             if not fits:
                 continue
             if (t, inc) < best_key:
@@ -499,16 +504,18 @@ def _exact_makespan(search: PlacementSearch, placement: list[Placement], fills: 
 def _whole_only_lower_bound(search: PlacementSearch) -> float:
     """Lower bound on any all-whole layout: the largest document alone, or the mean rank time."""
     lin = search.cm.linear_ms_per_token
-    whole = [w + length * lin for w, length in zip(search.whole_ms, search.lengths, strict=True)]
-    return max(max(whole), sum(whole) / search.n)
+    total = sum(search.whole_ms) + sum(search.lengths) * lin
+    largest = max(map(operator.add, search.whole_ms, map(lin.__mul__, search.lengths)))
+    return max(largest, total / search.n)
 
 
 def _per_doc_quick_bound(search: PlacementSearch) -> float:
     """Weaker, cheaper form of :func:`_per_doc_lower_bound`: full efficiency, overheads only."""
     cm = search.cm
-    chunks = sum(min(length, 2 * search.n) for length in search.lengths)
+    two_n = 2 * search.n
+    chunks = sum(map(min, search.lengths, repeat(two_n)))
     overhead = chunks * cm.attention_segment_overhead_ms * (1.0 + cm.attention_backward_ratio)
-    pairs = sum(length * (length + 1) for length in search.lengths) // 2
+    pairs = sum(map(operator.mul, search.lengths, map((1).__add__, search.lengths))) // 2
     linear = sum(search.lengths) * cm.linear_ms_per_token
     return (cm.attention_ideal_ms_of_pairs(pairs) + overhead + linear) / search.n
 
@@ -579,27 +586,39 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
 def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills) -> Layout:
     """Turn per-document placements into a :class:`Layout` (segments per rank, sharding per document)."""
     n = ctx.cp_size
+    lengths = ctx.doc_lengths
+    num_docs = len(lengths)
+    # Records of every document as if whole, built in C (tuple.__new__ over zipped fields: no keyword
+    # constructor per document); the split documents are then patched in.
+    first_ranks = list(map(itemgetter(0), placement))
+    new = tuple.__new__
+    documents = list(map(new, repeat(DocSharding), zip(range(num_docs), repeat(ShardingKind.WHOLE), zip(first_ranks))))
+    whole_segments = list(map(new, repeat(Segment), zip(range(num_docs), repeat(0), lengths)))
+    split = [d for d, option in enumerate(placement) if option[1] != 1]
+    split_set = set(split)
+    by_rank = sorted(range(num_docs), key=first_ranks.__getitem__)  # stable: documents ascending per rank
     rank_segments: list[list[Segment]] = [[] for _ in range(n)]
-    documents: list[DocSharding] = []
-    for d, length in enumerate(ctx.doc_lengths):
+    for r, docs in groupby(by_rank, key=first_ranks.__getitem__):
+        rank_segments[r] = [whole_segments[d] for d in docs if d not in split_set] if split else \
+            list(map(whole_segments.__getitem__, docs))
+    patched: set[int] = set()
+    for d in split:
         g0, k = placement[d]
-        if k == 1:
-            rank_segments[g0].append(Segment(doc=d, start=0, end=length))
-            sharding = DocSharding(doc=d, kind=ShardingKind.WHOLE, ranks=(g0,))
+        if k == FILL:
+            pieces = fills[d]
+            group: range | list[int] = [r for r, _ in pieces]
+            kind = ShardingKind.PACKED
         else:
-            if k == FILL:
-                pieces = fills[d]
-                group: range | list[int] = [r for r, _ in pieces]
-                kind = ShardingKind.PACKED
-            else:
-                group = range(g0, g0 + k)
-                pieces = head_tail_segments(d, length, group)
-                kind = ShardingKind.PER_DOC if k == n else ShardingKind.SUB_GROUP
-            for rank, seg in pieces:
-                rank_segments[rank].append(seg)
-            sharding = sharding_of(d, group, pieces, kind)
-        documents.append(sharding)
-    return Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents), trusted=True)
+            group = range(g0, g0 + k)
+            pieces = head_tail_segments(d, lengths[d], group)
+            kind = ShardingKind.PER_DOC if k == n else ShardingKind.SUB_GROUP
+        for rank, seg in pieces:
+            rank_segments[rank].append(seg)
+            patched.add(rank)
+        documents[d] = sharding_of(d, group, pieces, kind)
+    for rank in patched:
+        rank_segments[rank].sort()
+    return Layout(rank_segments=tuple(map(tuple, rank_segments)), documents=tuple(documents), trusted=True)
 
 
 class FlashCPHeuristic:

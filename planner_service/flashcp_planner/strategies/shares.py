@@ -174,6 +174,12 @@ class LoadState:
             self._node_tok[r // gpn] += sign * tok
             self._total_tokens += sign * tok
 
+    def sync_tokens(self) -> None:
+        """Recompute the node and total token sums from ``tok``, for callers that updated ``tok`` directly."""
+        gpn = self.cm.gpus_per_node
+        self._node_tok = [sum(self.tok[node * gpn:(node + 1) * gpn]) for node in range(len(self._node_tok))]
+        self._total_tokens = sum(self.tok)
+
     def add_tokens(self, r: int, tokens: int) -> None:
         """Book-keeping of :meth:`add` for callers that update ``tok``/``attn``/``local`` themselves."""
         self._node_tok[r // self.cm.gpus_per_node] += tokens
@@ -218,11 +224,59 @@ class LoadState:
             ``(max time of the touched ranks, whether every touched rank stays within capacity)``.
             Under ``ALL_GATHER`` the coupling through node totals is ignored (search only).
         """
-        worst, _, fits = self.peek_sum(remove, add)
+        if not remove:
+            worst, _, fits = self._peek_add(add, False, None)
+            return worst, fits
+        # remove and add are the shares of one placement each (one share per rank): net them per rank,
+        # with the same floats as the netting of peek_sum
+        removed = {share[0]: share for share in remove}
+        worst = 0.0
+        fits = True
+        capacity, time = self.capacity, self.time
+        for r, tok, attn, local, ri, rx, si, sx in add:
+            old = removed.pop(r, None)
+            if old is not None:
+                _, o_tok, o_attn, o_local, o_ri, o_rx, o_si, o_sx = old
+                tok -= o_tok
+                attn -= o_attn
+                local -= o_local
+                ri -= o_ri
+                rx -= o_rx
+                si -= o_si
+                sx -= o_sx
+            tok += self.tok[r]
+            if tok > capacity:
+                fits = False
+            t = time(tok, self.attn[r] + attn, self.local[r] + local, self.ri[r] + ri, self.rx[r] + rx,
+                     self.si[r] + si, self.sx[r] + sx, r)
+            if t > worst:
+                worst = t
+        for r, o_tok, o_attn, o_local, o_ri, o_rx, o_si, o_sx in removed.values():
+            t = time(self.tok[r] - o_tok, self.attn[r] - o_attn, self.local[r] - o_local, self.ri[r] - o_ri,
+                     self.rx[r] - o_rx, self.si[r] - o_si, self.sx[r] - o_sx, r)
+            if t > worst:
+                worst = t
         return worst, fits
 
-    def peek_sum(self, remove: Sequence[Share], add: Sequence[Share]) -> tuple[float, float, bool]:
-        """Like :meth:`peek`, plus the summed time increase over the touched ranks (middle item)."""
+    def peek_shift(self, r: int, s: int, tokens: int, ms: float) -> tuple[float, bool]:
+        """:meth:`peek` of moves between whole documents only: ``tokens`` and ``ms`` of attention (all
+        local) leave rank ``r`` for rank ``s`` (one document moved, or the net of a swap); same floats as
+        :meth:`peek` on the equivalent shares, without building them."""
+        tok_r, tok_s = self.tok[r] - tokens, self.tok[s] + tokens
+        t_r = self.time(tok_r, self.attn[r] - ms, self.local[r] - ms, self.ri[r], self.rx[r], self.si[r],
+                        self.sx[r], r)
+        t_s = self.time(tok_s, self.attn[s] + ms, self.local[s] + ms, self.ri[s], self.rx[s], self.si[s],
+                        self.sx[s], s)
+        return (t_r if t_r > t_s else t_s), tok_r <= self.capacity and tok_s <= self.capacity
+
+    def peek_sum(
+        self, remove: Sequence[Share], add: Sequence[Share], *, increase: bool = True,
+        totals: Sequence[float] | None = None,
+    ) -> tuple[float, float, bool]:
+        """Like :meth:`peek`, plus the summed time increase over the touched ranks (middle item; 0 unless
+        ``increase``). ``totals``: the current :meth:`totals`, if the caller has them."""
+        if not remove:  # one placement's shares: one per rank, no netting needed
+            return self._peek_add(add, increase, totals)
         delta: dict[int, list] = {}
         for sign, shares in ((-1, remove), (1, add)):
             for r, tok, attn, local, ri, rx, si, sx in shares:
@@ -237,7 +291,7 @@ class LoadState:
                 d[5] += sign * si
                 d[6] += sign * sx
         worst = 0.0
-        increase = 0.0
+        added = 0.0
         fits = True
         for r, d in delta.items():
             tok = self.tok[r] + d[0]
@@ -245,7 +299,27 @@ class LoadState:
                 fits = False
             t = self.time(tok, self.attn[r] + d[1], self.local[r] + d[2], self.ri[r] + d[3], self.rx[r] + d[4],
                           self.si[r] + d[5], self.sx[r] + d[6], r)
-            increase += t - self.total(r)
+            if increase:
+                added += t - self.total(r)
             if t > worst:
                 worst = t
-        return worst, increase, fits
+        return worst, added, fits
+
+    def _peek_add(
+        self, add: Sequence[Share], increase: bool, totals: Sequence[float] | None
+    ) -> tuple[float, float, bool]:
+        worst = 0.0
+        added = 0.0
+        fits = True
+        capacity, time = self.capacity, self.time
+        for r, tok, attn, local, ri, rx, si, sx in add:
+            tok += self.tok[r]
+            if tok > capacity:
+                fits = False
+            t = time(tok, self.attn[r] + attn, self.local[r] + local, self.ri[r] + ri, self.rx[r] + rx,
+                     self.si[r] + si, self.sx[r] + sx, r)
+            if increase:
+                added += t - (self.total(r) if totals is None else totals[r])
+            if t > worst:
+                worst = t
+        return worst, added, fits
