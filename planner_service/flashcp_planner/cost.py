@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import KVTransfer, RankCost, Segment
 
-__all__ = ["CostModel", "rank_costs", "lower_bound_ms"]
+__all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "lower_bound_ms"]
 
 _WHOLE_CACHE_SIZE = 1 << 16
 """Distinct document lengths memoised per cost model (bounded memory in long-running services)."""
@@ -214,7 +214,6 @@ def rank_costs(
 ) -> tuple[RankCost, ...]:
     """Score every rank of a layout. ``transfers`` must be the full forward list (all modes)."""
     n = len(rank_segments)
-    kv = cost_model.kv_bytes_per_token
     gpn = cost_model.gpus_per_node
     recv = [[0, 0] for _ in range(n)]  # [intra, inter] tokens received in forward
     send = [[0, 0] for _ in range(n)]  # [intra, inter] tokens sent in forward = received in backward
@@ -222,7 +221,18 @@ def rank_costs(
         link = 0 if src // gpn == dst // gpn else 1
         recv[dst][link] += end - start
         send[src][link] += end - start
+    return rank_costs_of_traffic(rank_segments, recv, send, cost_model)
 
+
+def rank_costs_of_traffic(
+    rank_segments: Sequence[Sequence[Segment]],
+    recv: Sequence[Sequence[int]],
+    send: Sequence[Sequence[int]],
+    cost_model: CostModel,
+) -> tuple[RankCost, ...]:
+    """:func:`rank_costs` from per-rank ``[intra, inter]`` KV tokens received / sent in forward
+    (:func:`flashcp_planner.comm.transfers_and_traffic`) instead of the transfer list."""
+    kv = cost_model.kv_bytes_per_token
     costs = []
     attention_ms = cost_model.attention_ms
     whole_ms = cost_model._whole_cache.get

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import gc
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from flashcp_planner.comm import derive_transfers
-from flashcp_planner.cost import lower_bound_ms, rank_costs
+from flashcp_planner.comm import transfers_and_traffic
+from flashcp_planner.cost import lower_bound_ms, rank_costs_of_traffic
 from flashcp_planner.model import (
     CommMode,
     DocSharding,
@@ -19,7 +22,7 @@ from flashcp_planner.model import (
 )
 from flashcp_planner.request import PlanContext
 
-__all__ = ["Layout", "head_tail_segments", "sharding_of", "whole", "build_plan"]
+__all__ = ["Layout", "head_tail_segments", "sharding_of", "whole", "build_plan", "gc_paused"]
 
 _new = tuple.__new__
 """Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
@@ -71,13 +74,47 @@ def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tupl
     return out
 
 
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a plan is built.
+
+    Planning allocates tens of thousands of small acyclic records (segments, shardings, transfers, heap
+    entries); the collector's generation-0 passes over them cost 10-20 % of the planning time and free
+    nothing. Reference counting still frees everything. Nested and concurrent users are counted, the
+    collector is re-enabled by the last one (and only if it was enabled before the first).
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode) -> Plan:
     """Derive transfers and costs of ``layout`` and return the validated plan."""
+    with gc_paused():
+        return _build_plan(ctx, layout, strategy=strategy, comm=comm)
+
+
+def _build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode) -> Plan:
     from flashcp_planner.validation import validate_plan
 
     rank_segments = segments_by_rank(layout.rank_segments)
-    all_transfers = derive_transfers(rank_segments, comm)
-    costs = rank_costs(rank_segments, all_transfers, ctx.cost_model)
+    all_transfers, recv, send = transfers_and_traffic(rank_segments, comm, ctx.cost_model.gpus_per_node)
+    costs = rank_costs_of_traffic(rank_segments, recv, send, ctx.cost_model)
     plan = Plan(
         strategy=strategy,
         cp_size=ctx.cp_size,

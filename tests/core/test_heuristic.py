@@ -116,3 +116,12 @@ def test_deterministic_in_process_and_across_processes():
     result = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT, json.dumps({"mbs": mbs, "n": 8})],
                             capture_output=True, text=True, check=True, timeout=120)
     assert json.loads(result.stdout) == first
+
+
+def test_all_gather_never_worse_than_whole_doc_regression():
+    """Found by hypothesis: improving under sharding-aware traffic raised the all-gather time of the LPT placement."""
+    cost_model = dataclasses.replace(BASE, gpus_per_node=4, overlap_fraction=0.0)
+    common = {"capacity_slack": 1.0, "cost_model": cost_model, "options": PlanOptions(comm=CommMode.ALL_GATHER)}
+    ours = _makespan([125, 132, 132, 132], 8, "flashcp", **common)
+    theirs = _makespan([125, 132, 132, 132], 8, "whole_doc", **common)
+    assert ours <= theirs * (1 + 1e-9)

@@ -26,10 +26,18 @@ nodes; ``allow_sub_group=False`` leaves only k = N.
    recreate search (<= 32 documents, fixed seed). When the greedy split a document that fitted
    whole, pure LPT (``alpha`` = 0, exactly the ``whole_doc`` baseline's placement)
    is run and improved too unless a bound shows it cannot win, so the result is
-   never worse than ``whole_doc``. All-Per-Doc is scored unless a lower bound rules
-   it out. The best layout is returned; ties keep the earlier candidate.
+   never worse than ``whole_doc`` (under ``all_gather``, whose traffic the search
+   only approximates, the greedy placements are candidates before improving too).
+   All-Per-Doc is scored unless a lower bound rules it out. The best layout is
+   returned; ties keep the earlier candidate.
 
-Deterministic: ties broken by index, the only random choices use a fixed seed.
+Deterministic: ties broken by index, the only random choices use a fixed seed; the
+work is bounded by counts (rounds, candidates per round), never by wall-clock time.
+
+Cost: the greedy is O(D log N) (ranks without room for the current document wait in
+a second heap until the documents get short enough), whole-document moves are scored
+in O(1) (:meth:`LoadState.peek_shift`), and the layout of whole documents is built
+in bulk; the per-document Python work is a few microseconds.
 """
 
 from __future__ import annotations
@@ -38,11 +46,11 @@ import heapq
 import operator
 import random
 from dataclasses import dataclass
-from itertools import groupby, repeat
+from itertools import filterfalse, groupby, repeat
 from operator import itemgetter
 from typing import ClassVar
 
-from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
+from flashcp_planner.layout import Layout, gc_paused, head_tail_segments, sharding_of
 from flashcp_planner.model import CommMode, DocSharding, Segment, ShardingKind
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, pieces_shares, whole_share
@@ -66,6 +74,8 @@ _SMALL_INSTANCE = 32
 """Up to this many documents: multi-start; with N <= _SMALL_CP also every improvement move each round and
 compound moves. Above, splits are tried only when no cheaper whole-document move improves."""
 _SMALL_CP = 16
+_SWAP_DOCS = 16
+"""Largest whole documents of the slowest rank tried in swaps."""
 _COMPOUND_EVICT = 6
 """Compound moves displacing more whole documents than this are not tried."""
 _COMPOUND_TARGETS = 4
@@ -152,6 +162,7 @@ class PlacementSearch:
         state = LoadState(cm, n, self.comm, capacity)
         tok, attn, local = state.tok, state.attn, state.local
         placement: list[Placement] = [(0, 1)] * len(lengths)
+        whole_on = [(r, 1) for r in range(n)]  # shared placement tuples
         fills: dict[int, list[tuple[int, Segment]]] = {}
         lin = cm.linear_ms_per_token
         target = (sum(whole_ms) + sum(lengths) * lin) / n
@@ -183,7 +194,7 @@ class PlacementSearch:
                 tok[r] += length  # fast path: whole on the least-loaded rank (LoadState.add inlined)
                 attn[r] += w
                 local[r] += w
-                placement[d] = (r, 1)
+                placement[d] = whole_on[r]
                 key[r] += w + length * lin
                 heapreplace(heap, (key[r], r))
                 continue
@@ -314,7 +325,7 @@ class PlacementSearch:
                     there = sorted((self.whole_ms[e] + lengths[e] * lin, e) for e in touch[s]
                                    if placement[e][1] == 1)
                     half_gap = (cur - totals[s]) / 2
-                    for w, d in whole_here[-16:]:
+                    for w, d in whole_here[-_SWAP_DOCS:]:
                         for e in self._near(there, w - half_gap):
                             if e == d:
                                 continue
@@ -555,9 +566,14 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
             return max(run.state.totals())
         return _exact_makespan(search, run.placement, run.fills, comm)
 
+    # Under ALL_GATHER the search scores sharding-aware traffic, so improving can raise the exact time:
+    # the greedy placements are then candidates before improving too.
+    exact = comm is search_comm
     run = search.greedy(alpha=1.0)
+    best = (float("inf"), list(run.placement), run.fills) if exact else (score(run), list(run.placement), run.fills)
     search.improve(run)
-    best = (score(run), list(run.placement), run.fills)
+    if score(run) < best[0]:
+        best = (score(run), list(run.placement), run.fills)
     best_run = run
     alphas: tuple[float, ...] = ()
     if run.split and search.small:
@@ -566,7 +582,9 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
         alphas = (0.0,)  # pure LPT could still win: run it (never worse than the whole_doc baseline)
     for alpha in alphas:
         other = search.greedy(alpha=alpha)
-        if alpha or score(other) < best[0]:  # improving only lowers it further
+        if not exact and score(other) < best[0]:
+            best = (score(other), list(other.placement), other.fills)
+        if alpha or score(other) < best[0] or not exact:  # (exact) improving only lowers it further
             search.improve(other)
             if score(other) < best[0]:
                 best = (score(other), list(other.placement), other.fills)
@@ -599,8 +617,7 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills
     by_rank = sorted(range(num_docs), key=first_ranks.__getitem__)  # stable: documents ascending per rank
     rank_segments: list[list[Segment]] = [[] for _ in range(n)]
     for r, docs in groupby(by_rank, key=first_ranks.__getitem__):
-        rank_segments[r] = [whole_segments[d] for d in docs if d not in split_set] if split else \
-            list(map(whole_segments.__getitem__, docs))
+        rank_segments[r] = list(map(whole_segments.__getitem__, filterfalse(split_set.__contains__, docs)))
     patched: set[int] = set()
     for d in split:
         g0, k = placement[d]
@@ -631,5 +648,6 @@ class FlashCPHeuristic:
 
     def layout(self, ctx: PlanContext) -> Layout:
         comm = ctx.options.comm or self.default_comm
-        placement, fills = heuristic_placements(ctx, comm)
-        return placements_layout(ctx, placement, fills)
+        with gc_paused():
+            placement, fills = heuristic_placements(ctx, comm)
+            return placements_layout(ctx, placement, fills)
