@@ -25,6 +25,9 @@ class InvalidRequest(PlanningError, ValueError):
         self.problem = problem
         super().__init__(f"{field}: {problem}" if field else problem)
 
+    def __reduce__(self) -> tuple[type[InvalidRequest], tuple[str, str]]:
+        return (type(self), (self.field, self.problem))
+
 
 class Infeasible(PlanningError):
     """The request is well-formed but no plan satisfies its constraints (e.g. capacity)."""

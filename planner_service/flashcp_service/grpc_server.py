@@ -121,7 +121,8 @@ class PlannerServicer:
         record.strategy = request.strategy
         plans = await self.service.plan(request, time_remaining_s=time_remaining_s)
         response = pb.PlanResponse(request_id=message.request_id or record.request_id, planner_version=planner_version)
-        response.plans.extend(codec.plan_to_pb(p) for p in plans)
+        for p in plans:
+            codec.plan_to_pb(p, response.plans.add())  # in place: extend() would deep-copy every plan
         return response
 
     async def Plan(self, request: pb.PlanRequest, context: grpc.aio.ServicerContext) -> pb.PlanResponse:

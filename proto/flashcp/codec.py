@@ -257,21 +257,27 @@ def total_documents(message: pb.PlanRequest | pb.CompareRequest) -> int:
 # ---------------------------------------------------------------- plans
 
 
-def plan_to_pb(plan: Plan) -> pb.Plan:
-    """Encode a plan; lossless (see module docstring)."""
+def plan_to_pb(plan: Plan, out: pb.Plan | None = None) -> pb.Plan:
+    """Encode a plan; lossless (see module docstring).
+
+    Args:
+        plan: the plan.
+        out: an empty message to fill in place (e.g. ``response.plans.add()``),
+            which saves the deep copy that ``extend``/``CopyFrom`` would make;
+            default: a new message.
+    """
     # ``repeated.add(**fields)`` is several times faster than building the
     # sub-messages first and passing lists (upb), and plans can hold 10^4+ segments.
-    message = pb.Plan(
-        version=plan.version,
-        strategy=plan.strategy,
-        cp_size=plan.cp_size,
-        doc_lengths=plan.doc_lengths,
-        capacity=plan.capacity,
-        comm=_COMM_TO_PB[plan.comm],
-        cost_model=plan.cost_model,
-        makespan_ms=plan.makespan_ms,
-        lower_bound_ms=plan.lower_bound_ms,
-    )
+    message = pb.Plan() if out is None else out
+    message.version = plan.version
+    message.strategy = plan.strategy
+    message.cp_size = plan.cp_size
+    message.doc_lengths.extend(plan.doc_lengths)
+    message.capacity = plan.capacity
+    message.comm = _COMM_TO_PB[plan.comm]
+    message.cost_model = plan.cost_model
+    message.makespan_ms = plan.makespan_ms
+    message.lower_bound_ms = plan.lower_bound_ms
     add_rank = message.ranks.add
     for rp in plan.ranks:
         c = rp.cost
@@ -453,7 +459,7 @@ def comparisons_to_pb(comparisons: Sequence[Sequence[Comparison]]) -> list[pb.Mi
         for c in row:
             result = message.results.add(strategy=c.strategy, error=c.error)
             if c.plan is not None:
-                result.plan.CopyFrom(plan_to_pb(c.plan))
+                plan_to_pb(c.plan, result.plan)
         rows.append(message)
     return rows
 
