@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                  else f"skipped (> {args.give_up_s:g} s)" for n in sizes]
         lines.append(f"| {num_docs} | " + " | ".join(cells) + " |")
     lines += ["", f"Medians scaled to a {_REFERENCE_MS:g} ms reference loop (each cell by the reference loop timed "
-              "around it, so that a machine shared with other work reads like an idle one):", "",
+              "around it; a rough guide only: on a machine shared with other work the short loop and the plans "
+              "are slowed unevenly):", "",
               "| D \\ N | " + " | ".join(str(n) for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for num_docs in docs:
         cells = [f"{_scaled(table, cell_reference, num_docs, n):.2f}" if (num_docs, n) in table else "-"

@@ -263,11 +263,21 @@ class LoadState:
         local) leave rank ``r`` for rank ``s`` (one document moved, or the net of a swap); same floats as
         :meth:`peek` on the equivalent shares, without building them."""
         tok_r, tok_s = self.tok[r] - tokens, self.tok[s] + tokens
-        t_r = self.time(tok_r, self.attn[r] - ms, self.local[r] - ms, self.ri[r], self.rx[r], self.si[r],
-                        self.sx[r], r)
-        t_s = self.time(tok_s, self.attn[s] + ms, self.local[s] + ms, self.ri[s], self.rx[s], self.si[s],
-                        self.sx[s], s)
-        return (t_r if t_r > t_s else t_s), tok_r <= self.capacity and tok_s <= self.capacity
+        fits = tok_r <= self.capacity and tok_s <= self.capacity
+        if self.comm is CommMode.ALL_GATHER or self.ri[r] or self.rx[r] or self.si[r] or self.sx[r] \
+                or self.ri[s] or self.rx[s] or self.si[s] or self.sx[s]:
+            t_r = self.time(tok_r, self.attn[r] - ms, self.local[r] - ms, self.ri[r], self.rx[r], self.si[r],
+                            self.sx[r], r)
+            t_s = self.time(tok_s, self.attn[s] + ms, self.local[s] + ms, self.ri[s], self.rx[s], self.si[s],
+                            self.sx[s], s)
+            return (t_r if t_r > t_s else t_s), fits
+        # Neither rank moves KV: :meth:`time` reduces to this (same floats: exposed is 0.0 - ov * local).
+        ov = self._ov
+        exposed = 0.0 - ov * (self.local[r] - ms)
+        t_r = tok_r * self._lin + (self.attn[r] - ms) + (exposed if exposed > 0.0 else 0.0)
+        exposed = 0.0 - ov * (self.local[s] + ms)
+        t_s = tok_s * self._lin + (self.attn[s] + ms) + (exposed if exposed > 0.0 else 0.0)
+        return (t_r if t_r > t_s else t_s), fits
 
     def peek_sum(
         self, remove: Sequence[Share], add: Sequence[Share], *, increase: bool = True,
