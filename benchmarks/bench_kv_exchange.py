@@ -35,6 +35,7 @@ CASES = (("per_doc", "all_gather"), ("zigzag", "all_gather"), ("contiguous", "al
 def _worker(rank: int, n: int, port: int, context: int, micro_batches: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
+
     from flashcp_client import CommStats, exchange_kv, rank_layout
     from flashcp_planner import Infeasible, PlanOptions, PlanRequest, get_preset, plan
     from flashcp_planner.workloads import generate

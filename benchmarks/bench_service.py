@@ -34,6 +34,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+
 from flashcp import codec
 from flashcp.v1 import planner_pb2_grpc
 from flashcp_planner import PlanRequest, plan

@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from flashcp_planner import PlanRequest, get_preset, plan
 from flashcp_planner.workloads import WORKLOADS, generate
-from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speedup.md"
 BASELINES = ("per_doc", "zigzag")

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from flashcp_planner import Plan
-from flashcp_planner.model import PLAN_FORMAT_VERSION
 
 from flashcp_client.errors import PlanMismatchError
+from flashcp_planner import Plan
+from flashcp_planner.model import PLAN_FORMAT_VERSION
 
 __all__ = ["verify_plan_agreement", "check_plan_matches"]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from flashcp_planner import Plan
 
 from flashcp_client.dispatch import group_rank_and_size
 from flashcp_client.errors import PlanMismatchError
@@ -28,6 +27,7 @@ from flashcp_client.kv_exchange import (
     start_kv_exchange,
 )
 from flashcp_client.layout import AttentionPart, RankLayout, rank_layout
+from flashcp_planner import Plan
 
 __all__ = ["cp_attention"]
 

@@ -33,12 +33,12 @@ from itertools import accumulate
 from typing import Any
 
 import torch
-from flashcp_planner import Plan
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flashcp_client.dispatch import dispatch
 from flashcp_client.errors import PlanMismatchError
 from flashcp_client.plan_client import PlannerClient
+from flashcp_planner import Plan
 
 __all__ = [
     "PackedCPDataset",

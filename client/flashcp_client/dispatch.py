@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from flashcp_planner import Plan
 
 from flashcp_client.errors import PlanMismatchError
 from flashcp_client.layout import packed_order, rank_layout
+from flashcp_planner import Plan
 
 __all__ = ["dispatch", "undispatch", "group_rank_and_size"]
 

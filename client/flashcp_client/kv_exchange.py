@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from flashcp_planner import Plan
 
 from flashcp_client.errors import PlanMismatchError
 from flashcp_client.layout import RankLayout, rank_layout
+from flashcp_planner import Plan
 
 __all__ = [
     "CommStats",

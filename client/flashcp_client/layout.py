@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flashcp_planner import KVTransfer, Plan, Segment, kv_transfers
 
 from flashcp_client.errors import PlanMismatchError
+from flashcp_planner import KVTransfer, Plan, Segment, kv_transfers
 
 __all__ = ["AttentionPart", "WorkspaceDoc", "RankLayout", "rank_layout", "packed_order", "doc_offsets"]
 

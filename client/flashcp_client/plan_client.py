@@ -30,10 +30,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flashcp_planner import CostModel, Plan, PlanningError, PlanOptions, PlanRequest
-from flashcp_planner.presets import PRESETS, cost_model_from_dict, load_cost_model
-from flashcp_planner.strategies import STRATEGIES
-
 from flashcp_client.resilience import Backoff, BreakerPolicy, BreakerState, CircuitBreaker, call_with_retries
 from flashcp_client.sources import (
     EmbeddedSource,
@@ -42,6 +38,9 @@ from flashcp_client.sources import (
     ServiceUnavailable,
     source_for_address,
 )
+from flashcp_planner import CostModel, Plan, PlanningError, PlanOptions, PlanRequest
+from flashcp_planner.presets import PRESETS, cost_model_from_dict, load_cost_model
+from flashcp_planner.strategies import STRATEGIES
 
 __all__ = ["ClientStats", "PlannerClient"]
 

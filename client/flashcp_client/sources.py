@@ -331,6 +331,7 @@ class GrpcSource:
         """
         channel = self._channel.get(self._new_channel)  # raises a clear ImportError without grpcio
         import grpc
+
         from flashcp import codec
         from flashcp.v1 import planner_pb2_grpc
 

@@ -32,7 +32,7 @@ def derive_transfers(rank_segments: Sequence[Sequence[Segment]], comm: CommMode)
 
 
 def transfers_and_traffic(
-    rank_segments: Sequence[Sequence[Segment]], comm: CommMode, gpus_per_node: int
+    rank_segments: Sequence[Sequence[Segment]], comm: CommMode, gpus_per_node: int, *, list_all_gather: bool = True
 ) -> tuple[tuple[KVTransfer, ...], Traffic, Traffic]:
     """:func:`derive_transfers` plus the tokens every rank receives and sends, per link class.
 
@@ -42,6 +42,8 @@ def transfers_and_traffic(
 
     Returns:
         ``(transfers, recv, send)``; ``recv[r]`` / ``send[r]`` are ``[intra, inter]`` token counts.
+        With ``list_all_gather=False`` the ``ALL_GATHER`` transfer list (O(N x segments), implied
+        by the mode) is not built and ``transfers`` is empty; the totals are closed-form.
     """
     n = len(rank_segments)
     gpn = gpus_per_node
@@ -49,7 +51,7 @@ def transfers_and_traffic(
     send = [[0, 0] for _ in range(n)]
     if comm is CommMode.ALL_GATHER:
         transfers: list[KVTransfer] = []
-        for dst in range(n):
+        for dst in range(n if list_all_gather else 0):
             incoming = [_new(KVTransfer, (src, dst, s[0], s[1], s[2]))
                         for src, segments in enumerate(rank_segments) if src != dst for s in segments]
             incoming.sort(key=_doc_start_src)

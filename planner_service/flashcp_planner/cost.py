@@ -143,7 +143,13 @@ class CostModel:
         return 2.0 * macs * (1.0 + self.linear_backward_ratio) / (self.gemm_tflops * 1e9)
 
     def efficiency(self, query_tokens: int) -> float:
-        """Kernel efficiency of one segment of ``query_tokens`` queries."""
+        """Kernel efficiency of a segment whose effective length is ``query_tokens``.
+
+        :meth:`attention_ms` passes ``isqrt(2 * pairs)``: the length of the whole
+        document with the same work. For a whole document that is its length; a
+        short tail chunk that reads a long key range is credited with its larger
+        work, as measured kernels are (see the calibration notes in presets.py).
+        """
         lq, ev = self._eff_log_q, self._eff_val
         x = math.log2(query_tokens) if query_tokens > 1 else 0.0
         if x <= lq[0]:
@@ -162,7 +168,9 @@ class CostModel:
                 return cached
         pairs = (end * (end + 1) - start * (start + 1)) // 2
         flops = 4.0 * pairs * self.num_heads * self.head_dim
-        fwd = self.attention_segment_overhead_ms + flops / (self.attention_tflops * 1e9 * self.efficiency(end - start))
+        fwd = self.attention_segment_overhead_ms + flops / (
+            self.attention_tflops * 1e9 * self.efficiency(math.isqrt(2 * pairs))
+        )
         ms = fwd * (1.0 + self.attention_backward_ratio)
         if start == 0 and len(self._whole_cache) < _WHOLE_CACHE_SIZE:
             self._whole_cache[end] = ms
@@ -177,6 +185,14 @@ class CostModel:
         for length in missing:
             self.attention_ms(0, length)
         return list(map(cache.__getitem__, lengths))
+
+    def max_efficiency_upto(self, effective_tokens: int) -> float:
+        """Largest :meth:`efficiency` over effective lengths ``1..effective_tokens`` (for bounds)."""
+        best = self.efficiency(effective_tokens)
+        for (q, _), eff in zip(self.attention_efficiency, self._eff_val, strict=True):
+            if q <= effective_tokens:
+                best = max(best, eff)
+        return best
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""

@@ -113,7 +113,9 @@ def _build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMo
     from flashcp_planner.validation import validate_plan
 
     rank_segments = segments_by_rank(layout.rank_segments)
-    all_transfers, recv, send = transfers_and_traffic(rank_segments, comm, ctx.cost_model.gpus_per_node)
+    all_transfers, recv, send = transfers_and_traffic(
+        rank_segments, comm, ctx.cost_model.gpus_per_node, list_all_gather=False
+    )
     costs = rank_costs_of_traffic(rank_segments, recv, send, ctx.cost_model)
     plan = Plan(
         strategy=strategy,
@@ -127,7 +129,7 @@ def _build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMo
             for r, (segs, c) in enumerate(zip(rank_segments, costs, strict=True))
         ),
         documents=layout.documents,
-        transfers=() if comm is CommMode.ALL_GATHER else all_transfers,
+        transfers=all_transfers,
         makespan_ms=max(c.total_ms for c in costs),
         lower_bound_ms=lower_bound_ms(ctx.doc_lengths, ctx.cp_size, ctx.cost_model),
         optimality=layout.optimality,

@@ -47,7 +47,10 @@ class PlanOptions:
         for name in ("num_workers", "random_seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "num_workers" else 0):
-                raise InvalidRequest(f"options.{name}", f"must be a {'positive' if name == 'num_workers' else 'non-negative'} integer, got {v!r}")
+                raise InvalidRequest(
+                    f"options.{name}",
+                    f"must be a {'positive' if name == 'num_workers' else 'non-negative'} integer, got {v!r}",
+                )
 
 
 def _default_cost_model() -> CostModel:
@@ -88,11 +91,15 @@ class PlanRequest:
                 raise InvalidRequest(f"micro_batches[{i}]", "must contain at least one document")
             for j, length in enumerate(lengths):
                 if isinstance(length, bool) or not isinstance(length, int):
-                    raise InvalidRequest(f"micro_batches[{i}][{j}]", f"document length must be an integer, got {length!r}")
+                    raise InvalidRequest(
+                        f"micro_batches[{i}][{j}]", f"document length must be an integer, got {length!r}"
+                    )
                 if length < 1:
                     raise InvalidRequest(f"micro_batches[{i}][{j}]", f"document length must be >= 1, got {length}")
                 if length > MAX_DOC_LENGTH:
-                    raise InvalidRequest(f"micro_batches[{i}][{j}]", f"document length must be <= {MAX_DOC_LENGTH}, got {length}")
+                    raise InvalidRequest(
+                        f"micro_batches[{i}][{j}]", f"document length must be <= {MAX_DOC_LENGTH}, got {length}"
+                    )
             normalised.append(tuple(int(x) for x in lengths))
         object.__setattr__(self, "micro_batches", tuple(normalised))
         n = self.cp_size
@@ -109,7 +116,9 @@ class PlanRequest:
         from flashcp_planner.strategies import STRATEGIES
 
         if self.strategy not in STRATEGIES:
-            raise InvalidRequest("strategy", f"unknown strategy {self.strategy!r}; expected one of {sorted(STRATEGIES)}")
+            raise InvalidRequest(
+                "strategy", f"unknown strategy {self.strategy!r}; expected one of {sorted(STRATEGIES)}"
+            )
         if not isinstance(self.options, PlanOptions):
             raise InvalidRequest("options", "must be PlanOptions")
 

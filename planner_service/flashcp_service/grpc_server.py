@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from flashcp import SERVICE_NAME, codec
 from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner import __version__ as planner_version
 from flashcp_planner.errors import InvalidRequest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from flashcp_service.access_log import REQUEST_ID_HEADER, RequestRecord, request_id_from
 from flashcp_service.errors import ErrorKind, classify
 from flashcp_service.service import PlannerService

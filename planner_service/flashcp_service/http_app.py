@@ -18,12 +18,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from flashcp_planner import __version__ as planner_version
 from flashcp_planner.errors import InvalidRequest, PlanningError
 from flashcp_planner.presets import cost_model_to_dict
 from flashcp_planner.strategies import get_strategy
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from flashcp_service.access_log import REQUEST_ID_HEADER, RequestRecord, request_id_from
 from flashcp_service.errors import ErrorInfo, ErrorKind, RequestTooLarge, ServiceError, classify
 from flashcp_service.http_models import (

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from flashcp_planner.cost import CostModel
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import CommMode
 from flashcp_planner.presets import cost_model_from_dict, get_preset
 from flashcp_planner.request import MAX_CP_SIZE, MAX_DOC_LENGTH, PlanOptions, PlanRequest
-from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "CompareBody",

@@ -7,9 +7,10 @@ the registry of the service the app wraps, gRPC traffic included.
 
 from __future__ import annotations
 
-from flashcp_planner.model import Plan
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from flashcp_planner.model import Plan
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics"]
 

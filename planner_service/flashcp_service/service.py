@@ -20,7 +20,6 @@ from flashcp_planner.planner import Comparison
 from flashcp_planner.presets import PRESETS, get_preset
 from flashcp_planner.request import MAX_CP_SIZE, PlanRequest
 from flashcp_planner.strategies import STRATEGIES, Strategy, get_strategy
-
 from flashcp_service.errors import DeadlineExceeded, Overloaded, RequestTooLarge, ShuttingDown
 from flashcp_service.metrics import ServiceMetrics
 from flashcp_service.settings import Settings

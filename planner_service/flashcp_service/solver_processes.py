@@ -13,6 +13,7 @@ process at once. Each child caps its own address space.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import multiprocessing
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -47,6 +48,13 @@ class SearchDied(Exception):
 
 
 def _child_main(conn: Connection, entry: Callable[..., Any], args: tuple, memory_bytes: int) -> None:
+    # Normally a no-op (the fork server preloaded them), but a fork server started earlier by
+    # other code in this process has no preload: import before the memory limit applies.
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     if memory_bytes:
         import resource
 

@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner.cost import CostModel
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
@@ -39,8 +40,6 @@ from flashcp_planner.model import (
 from flashcp_planner.planner import Comparison
 from flashcp_planner.presets import PRESETS, cost_model_from_dict, cost_model_to_dict, get_preset
 from flashcp_planner.request import PlanOptions, PlanRequest
-
-from flashcp.v1 import planner_pb2 as pb
 
 __all__ = [
     "DEFAULT_COST_MODEL",

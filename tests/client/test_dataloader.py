@@ -9,13 +9,14 @@ import random
 import socket
 from typing import Any
 
-import flashcp_planner as fp
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
+import flashcp_planner as fp
 from flashcp_client import PackedCPDataset, PlannerClient, cp_collate, pack_documents, rank_batch
 from flashcp_client.dataloader import packed_labels, packed_position_ids
 from flashcp_client.errors import PlanMismatchError
-from torch.utils.data import DataLoader
 
 CONTEXT = 96
 CP = 4

@@ -131,6 +131,7 @@ def reference_attention(lengths, q, k, v, dout):
 
 def _checks(rank, n, record):
     import torch.distributed as dist
+
     from flashcp_client import (
         CommStats,
         PlanMismatchError,

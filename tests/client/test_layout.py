@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+
 from flashcp_client import PlanMismatchError, dispatch, packed_order, rank_layout
 from flashcp_client.layout import doc_offsets
 from flashcp_planner import CommMode, CostModel, PlanOptions, PlanRequest, ShardingKind, plan

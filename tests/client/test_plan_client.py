@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import flashcp_planner as fp
 import pytest
+
+import flashcp_planner as fp
 from flashcp_client import (
     Backoff,
     BreakerPolicy,
@@ -478,6 +479,7 @@ class ScriptedGrpcServer:
         from concurrent.futures import ThreadPoolExecutor
 
         import grpc
+
         from flashcp.v1 import planner_pb2_grpc
 
         outer = self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from flashcp_client.resilience import Backoff, BreakerPolicy, BreakerState, CircuitBreaker, call_with_retries
 
 

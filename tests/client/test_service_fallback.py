@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import flashcp_planner as fp
 import pytest
+
+import flashcp_planner as fp
 from flashcp_client import Backoff, BreakerPolicy, PlannerClient, ServiceUnavailable
 from flashcp_client.sources import GrpcSource, HttpSource
 
@@ -171,10 +172,7 @@ def test_remote_optimum_equals_embedded_optimum(service: Service, transport: str
 @needs_service
 @pytest.mark.parametrize(
     "transport",
-    [pytest.param("http", marks=pytest.mark.xfail(
-        reason="flashcp_service HTTP (strict pydantic) rejects the JSON array form of attention_efficiency "
-               "that the cost-model file format documents; reported to the lead", strict=False)),
-     "grpc"],
+    ["http", "grpc"],
 )
 def test_custom_efficiency_curve_reaches_the_service(service: Service, transport: str) -> None:
     curve = {"name": "curve", "attention_efficiency": [[256, 0.2], [8192, 0.9]]}

@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import pytest
+
 from flashcp_planner.cli import main
 from flashcp_planner.layout import Layout
 from flashcp_planner.model import CommMode

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+
 from flashcp_planner import InvalidRequest
 from flashcp_planner.cost import CostModel, lower_bound_ms
 from flashcp_planner.presets import PRESETS, cost_model_from_dict, cost_model_to_dict, get_preset, load_cost_model

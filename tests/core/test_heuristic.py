@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from flashcp_planner import CommMode, Infeasible, PlanOptions, PlanRequest, ShardingKind, plan
 from flashcp_planner.presets import get_preset
 from flashcp_planner.strategies.flashcp import PlacementSearch, group_sizes, heuristic_placements
 from flashcp_planner.validation import validate_plan
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 BASE = get_preset("h100-llama8b")
 

@@ -7,6 +7,7 @@ import itertools
 import sys
 
 import pytest
+
 from flashcp_planner import CommMode, PlanOptions, PlanRequest, plan
 from flashcp_planner.comm import derive_transfers
 from flashcp_planner.cost import rank_costs

@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+
 from flashcp_planner import InvalidRequest, Plan, PlanOptions, PlanRequest, plan
 from flashcp_planner.model import PLAN_FORMAT_VERSION
 

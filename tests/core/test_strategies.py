@@ -6,13 +6,14 @@ import dataclasses
 import itertools
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from flashcp_planner import STRATEGIES, CommMode, Infeasible, PlanOptions, PlanRequest, kv_transfers, plan
 from flashcp_planner.cost import lower_bound_ms
 from flashcp_planner.layout import head_tail_segments
 from flashcp_planner.presets import get_preset
 from flashcp_planner.validation import validate_plan
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 HEURISTICS = [name for name, s in STRATEGIES.items() if not s.is_optimal]
 

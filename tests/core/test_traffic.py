@@ -6,6 +6,7 @@ import dataclasses
 import random
 
 import pytest
+
 from flashcp_planner import PlanOptions, PlanRequest, plan
 from flashcp_planner.comm import transfers_and_traffic
 from flashcp_planner.cost import rank_costs, rank_costs_of_traffic

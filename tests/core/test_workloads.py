@@ -8,6 +8,7 @@ from importlib import resources
 
 import numpy as np
 import pytest
+
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.workloads import (
     EQUAL_DOC_TOKENS,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flashcp_kernels import SegmentMeta, segment_attention, segment_attention_forward
 from kernel_cases import make_qkv, run_all_ranks, sdpa_packed
+
+from flashcp_kernels import SegmentMeta, segment_attention, segment_attention_forward
 
 pytestmark = pytest.mark.gpu
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from flashcp_kernels.profile import add_profile_arguments, run_profile
 from flashcp_planner import PlanRequest, plan
 from flashcp_planner.errors import InvalidRequest
@@ -93,6 +94,7 @@ def test_distributed_profile_measures_all_gather_and_rank_zero_writes(tmp_path):
 
 def test_launch_falls_back_to_a_config_that_fits(monkeypatch):
     import triton
+
     from flashcp_kernels import triton_common
 
     monkeypatch.delenv("TRITON_INTERPRET")

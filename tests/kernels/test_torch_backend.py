@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import make_qkv, run_all_ranks, sdpa_packed
+
 from flashcp_kernels import (
     SegmentMeta,
     segment_attention,
@@ -11,7 +13,6 @@ from flashcp_kernels import (
     segment_attention_forward,
     segment_attention_ref,
 )
-from kernel_cases import make_qkv, run_all_ranks, sdpa_packed
 
 # Documents of length 1, lengths not divisible by 2N, docs shorter than 2N (empty chunks), long ones.
 DOC_SETS = {

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import make_qkv, run_all_ranks, sdpa_packed
+
 from flashcp_kernels import (
     SegmentMeta,
     resolve_backend,
@@ -19,7 +21,6 @@ from flashcp_kernels import (
     segment_attention_ref,
 )
 from flashcp_kernels.reference import segment_attention_backward_ref
-from kernel_cases import make_qkv, run_all_ranks, sdpa_packed
 
 FP32_ATOL = 1e-4
 DOCS = [1, 13, 5, 37, 1]  # length-1 docs, lengths not divisible by 2N, a doc spanning several 16-blocks

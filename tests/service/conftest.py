@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from flashcp_service import PlannerService
 from service_testing import GrpcServerThread, ServerProcess, small_settings, start_server_process
+
+from flashcp_service import PlannerService
 
 
 @pytest.fixture
@@ -26,6 +27,7 @@ def grpc_server(service: PlannerService) -> Iterator[GrpcServerThread]:
 @pytest.fixture
 def grpc_stub(grpc_server: GrpcServerThread):
     import grpc
+
     from flashcp.v1 import planner_pb2_grpc
 
     with grpc.insecure_channel(grpc_server.target) as channel:
@@ -35,6 +37,7 @@ def grpc_stub(grpc_server: GrpcServerThread):
 @pytest.fixture
 def http_client(service: PlannerService):
     from fastapi.testclient import TestClient
+
     from flashcp_service.http_app import create_app
 
     with TestClient(create_app(service)) as client:

@@ -6,6 +6,7 @@ import dataclasses
 import random
 
 import pytest
+
 from flashcp import codec
 from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner import STRATEGIES, CommMode, PlanOptions, PlanRequest, compare, get_preset, plan

@@ -16,8 +16,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from flashcp_service import Settings
 from service_testing import REPO
+
+from flashcp_service import Settings
 
 DOCKERFILE = REPO / "Dockerfile"
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import grpc
 import httpx
+from service_testing import start_server_process
+
 from flashcp import SERVICE_NAME, codec
 from flashcp.v1 import planner_pb2_grpc
 from flashcp_planner import PlanOptions, PlanRequest, plan
-from service_testing import start_server_process
 
 LENGTHS = [[4096, 100, 8000, 30, 30, 2500], [777, 12]]
 

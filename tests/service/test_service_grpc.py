@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from flashcp import SERVICE_NAME, codec
 from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner import PRESETS, PlanRequest, plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from flashcp_planner import PlanRequest, plan
 
 BODY = {"micro_batches": [[100, 2000, 30, 7000], [5, 6]], "cp_size": 4}

@@ -9,6 +9,7 @@ import time
 import grpc
 import httpx
 import pytest
+
 from flashcp import codec
 from flashcp.v1 import planner_pb2_grpc
 from flashcp_planner import PlanRequest, plan

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import schemathesis
-from flashcp_service import PlannerService
-from flashcp_service.http_app import create_app
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -14,6 +12,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from service_testing import small_settings
+
+from flashcp_service import PlannerService
+from flashcp_service.http_app import create_app
 
 _service = PlannerService(small_settings(max_documents=400, max_solver_time_s=0.5))
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(_service))

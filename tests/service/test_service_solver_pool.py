@@ -15,13 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from service_testing import GrpcServerThread, small_settings
+
 from flashcp import codec
 from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner import PlanOptions, PlanRequest, plan
 from flashcp_service import Overloaded, PlannerService, RequestTooLarge
 from flashcp_service.errors import DeadlineExceeded
 from flashcp_service.service import _solve_in_worker
-from service_testing import GrpcServerThread, small_settings
 
 TINY = [[100, 200, 3000, 50]]
 

@@ -43,6 +43,7 @@ in bulk; the per-document Python work is a few microseconds.
 from __future__ import annotations
 
 import heapq
+import math
 import operator
 import random
 from dataclasses import dataclass
@@ -534,9 +535,9 @@ def _per_doc_quick_bound(search: PlacementSearch) -> float:
 def _per_doc_lower_bound(search: PlacementSearch) -> float:
     """Lower bound on the makespan of All-Per-Doc: the mean rank time without exposed comm.
 
-    A document of length L head-tail over N ranks is cut into min(L, 2N) chunks of floor or ceil
-    L / 2N queries, so its attention is at least one overhead per chunk plus its FLOPs at the better
-    of those two efficiencies.
+    A document of length L head-tail over N ranks is cut into min(L, 2N) chunks of at most
+    ceil(L / 2N) queries, each reading at most L keys, so its attention is at least one overhead per
+    chunk plus its FLOPs at the best efficiency any chunk's effective length can reach.
     """
     cm = search.cm
     n = search.n
@@ -544,8 +545,8 @@ def _per_doc_lower_bound(search: PlacementSearch) -> float:
     head_dims = 4.0 * cm.num_heads * cm.head_dim
     attention = 0.0
     for length in search.lengths:
-        base = length // (2 * n)
-        eff = max(cm.efficiency(max(base, 1)), cm.efficiency(base + 1))
+        longest = -(-length // (2 * n))
+        eff = cm.max_efficiency_upto(math.isqrt(2 * (longest * length)))
         chunks = min(length, 2 * n)
         attention += chunks * cm.attention_segment_overhead_ms + head_dims * (length * (length + 1) // 2) / (rate * eff)
     attention *= 1.0 + cm.attention_backward_ratio
