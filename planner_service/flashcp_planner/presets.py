@@ -35,10 +35,14 @@ __all__ = ["PRESETS", "get_preset", "cost_model_from_dict", "load_cost_model", "
 #   point at each measured L (64..65536) is the implied throughput there divided by attention_tflops.
 #   The curve is interpolated in log2(L), so the preset reproduces the cp=1 rows exactly at the
 #   measured lengths (max relative error 0.2%, tests/core/test_cost.py).
-#   Known limit: the efficiency is a function of a segment's query count. For the cp > 1 rows (a
-#   document head-tail split over cp ranks, per-rank time) the model over-predicts the short chunks of
-#   split documents (median +65..87%, up to ~2x at L <= 2K): measured kernels keep their efficiency
-#   when short query chunks read long key ranges. Splitting is therefore priced conservatively.
+#   Split documents: the efficiency of a segment is looked up at its effective length isqrt(2 * pairs),
+#   the length of a whole document with the same work (a whole document: its own length, so the fit
+#   above is unchanged). Keyed on the query count instead, the cp > 1 rows (a document head-tail split
+#   over cp ranks, per-rank time) were over-predicted by a median 65-87%: measured kernels stay efficient
+#   when short query chunks read long key ranges. Keyed on the work, the cp = 2 / 4 / 8 rows of tp=1
+#   are over-predicted by a median 28% / 25% / 10% (max ~2x at L <= 512, where the per-segment
+#   overhead is charged to both chunks of a rank while the measurement pays one launch): splitting
+#   short documents is still priced conservatively.
 #   attention_backward_ratio 2.5: FlashAttention-2 backward does 2.5x the forward matmul FLOPs at a
 #   similar rate (Dao 2023, section 3.2 and figure 6); not measured here.
 _ATTN_HEADS32 = (  # tp=1 rows (32 query heads per rank)
