@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import gc
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flashcp_planner.comm import transfers_and_traffic
@@ -22,7 +19,7 @@ from flashcp_planner.model import (
 )
 from flashcp_planner.request import PlanContext
 
-__all__ = ["Layout", "head_tail_segments", "sharding_of", "whole", "build_plan", "gc_paused"]
+__all__ = ["Layout", "head_tail_segments", "sharding_of", "whole", "build_plan"]
 
 _new = tuple.__new__
 """Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
@@ -74,42 +71,8 @@ def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tupl
     return out
 
 
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a plan is built.
-
-    Planning allocates tens of thousands of small acyclic records (segments, shardings, transfers, heap
-    entries); the collector's generation-0 passes over them cost 10-20 % of the planning time and free
-    nothing. Reference counting still frees everything. Nested and concurrent users are counted, the
-    collector is re-enabled by the last one (and only if it was enabled before the first).
-    """
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
-
-
 def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode) -> Plan:
     """Derive transfers and costs of ``layout`` and return the validated plan."""
-    with gc_paused():
-        return _build_plan(ctx, layout, strategy=strategy, comm=comm)
-
-
-def _build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode) -> Plan:
     from flashcp_planner.validation import validate_plan
 
     rank_segments = segments_by_rank(layout.rank_segments)

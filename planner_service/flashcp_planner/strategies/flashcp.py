@@ -51,7 +51,7 @@ from itertools import filterfalse, groupby, repeat
 from operator import itemgetter
 from typing import ClassVar
 
-from flashcp_planner.layout import Layout, gc_paused, head_tail_segments, sharding_of
+from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
 from flashcp_planner.model import CommMode, DocSharding, Segment, ShardingKind
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, pieces_shares, whole_share
@@ -649,6 +649,5 @@ class FlashCPHeuristic:
 
     def layout(self, ctx: PlanContext) -> Layout:
         comm = ctx.options.comm or self.default_comm
-        with gc_paused():
-            placement, fills = heuristic_placements(ctx, comm)
-            return placements_layout(ctx, placement, fills)
+        placement, fills = heuristic_placements(ctx, comm)
+        return placements_layout(ctx, placement, fills)
