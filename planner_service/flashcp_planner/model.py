@@ -17,7 +17,6 @@ the CLI, the HTTP API and the client fingerprint.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import json
@@ -78,8 +77,8 @@ class Segment(NamedTuple):
     """Query tokens ``[start, end)`` of document ``doc`` owned by one rank.
 
     Plans hold one per owned piece (tens of thousands per plan), so the plan records created in bulk
-    (:class:`Segment`, :class:`DocSharding`, :class:`KVTransfer`) are immutable named tuples: built
-    with keywords like the other records, and still accepted by ``dataclasses.replace`` / ``fields``.
+    (:class:`Segment`, :class:`DocSharding`, :class:`KVTransfer`) are immutable named tuples, built
+    with keywords like the other records (``_replace`` makes modified copies).
     """
 
     doc: int
@@ -129,19 +128,6 @@ class KVTransfer(NamedTuple):
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
-
-
-def _dataclass_compatible(cls: type) -> None:
-    """Give a named tuple the dataclass metadata, so ``dataclasses.replace`` / ``fields`` / ``asdict`` keep
-    working on records that used to be frozen dataclasses."""
-    twin = dataclasses.make_dataclass(cls.__name__, [(name, cls.__annotations__[name]) for name in cls._fields],
-                                      frozen=True)
-    cls.__dataclass_fields__ = twin.__dataclass_fields__  # type: ignore[attr-defined]
-    cls.__dataclass_params__ = twin.__dataclass_params__  # type: ignore[attr-defined]
-
-
-for _record in (Segment, DocSharding, KVTransfer):
-    _dataclass_compatible(_record)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -186,7 +186,7 @@ def test_plan_whose_transfers_miss_needed_keys_is_rejected():
     tampered = dataclasses.replace(p, transfers=p.transfers[1:])
     with pytest.raises(PlanMismatchError, match="neither owns nor receives"):
         rank_layout(tampered, dropped.dst)
-    bogus = dataclasses.replace(dropped, src=dropped.dst, dst=dropped.src)
+    bogus = dropped._replace(src=dropped.dst, dst=dropped.src)
     wrong_sender = dataclasses.replace(p, transfers=(*p.transfers, bogus))
     with pytest.raises(PlanMismatchError, match="does not own"):
         rank_layout(wrong_sender, bogus.src)

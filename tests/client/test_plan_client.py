@@ -538,7 +538,7 @@ def _drop_token(plans: list[fp.Plan]) -> list[fp.Plan]:
     segment = rank.segments[0]
     broken = dataclasses.replace(
         rank,
-        segments=(dataclasses.replace(segment, end=segment.end - 1), *rank.segments[1:]),
+        segments=(segment._replace(end=segment.end - 1), *rank.segments[1:]),
         cost=dataclasses.replace(rank.cost, tokens=rank.cost.tokens - 1),
     )
     return [dataclasses.replace(plans[0], ranks=(broken, *plans[0].ranks[1:])), *plans[1:]]

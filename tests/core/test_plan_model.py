@@ -97,17 +97,16 @@ def test_tampered_transfers_are_rejected(plans):
 
 
 def test_bulk_records_keep_their_record_interface():
-    import dataclasses
     import pickle
 
     from flashcp_planner.model import DocSharding, KVTransfer, Segment, ShardingKind
 
     seg = Segment(doc=3, start=5, end=9)
     assert (seg.doc, seg.start, seg.end, seg.num_tokens, seg.pairs, seg.as_list()) == (3, 5, 9, 4, 30, [3, 5, 9])
-    assert dataclasses.replace(seg, end=7) == Segment(doc=3, start=5, end=7)
-    assert [f.name for f in dataclasses.fields(seg)] == ["doc", "start", "end"]
+    assert seg._replace(end=7) == Segment(doc=3, start=5, end=7)
+    assert Segment._fields == ("doc", "start", "end")
     transfer = KVTransfer(src=0, dst=1, doc=3, start=0, end=5)
-    assert dataclasses.replace(transfer, src=1, dst=0) == KVTransfer(src=1, dst=0, doc=3, start=0, end=5)
+    assert transfer._replace(src=1, dst=0) == KVTransfer(src=1, dst=0, doc=3, start=0, end=5)
     assert transfer.num_tokens == 5
     sharding = DocSharding(doc=3, kind=ShardingKind.WHOLE, ranks=(2,))
     for record in (seg, transfer, sharding):
