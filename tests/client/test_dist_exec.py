@@ -71,29 +71,10 @@ def _plan(lengths, n, strategy, comm=None):
 
 
 def _sub_group_plan(lengths, n, comm):
-    """Doc 0 head-tail over ranks 1..n-1 (a sub-group), doc 1 per-doc, the rest whole round-robin."""
-    from flashcp_planner import ShardingKind
-    from flashcp_planner.layout import Layout, build_plan, head_tail_segments, sharding_of, whole
+    """Doc 0 on a sub-group of ranks 1..n-1, doc 1 per-doc, the rest whole (see hand_plans)."""
+    import hand_plans
 
-    ctx = _request(lengths, n, "flashcp", comm, capacity=sum(lengths)).contexts()[0]
-    rank_segments = [[] for _ in range(n)]
-    documents = []
-    for doc, length in enumerate(lengths):
-        if doc < 2:
-            group = tuple(range(1, n)) if doc == 0 else tuple(range(n))
-            pieces = head_tail_segments(doc, length, group)
-            for r, seg in pieces:
-                rank_segments[r].append(seg)
-            kind = ShardingKind.SUB_GROUP if doc == 0 else ShardingKind.PER_DOC
-            documents.append(sharding_of(doc, group, pieces, kind))
-        else:
-            seg, sharding = whole(doc, length, doc % n)
-            rank_segments[doc % n].append(seg)
-            documents.append(sharding)
-    layout = Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents))
-    from flashcp_planner import CommMode
-
-    return build_plan(ctx, layout, strategy="flashcp", comm=CommMode(comm))
+    return hand_plans.sub_group_plan(_request(lengths, n, "flashcp", comm, capacity=sum(lengths)).contexts()[0], comm)
 
 
 def plans_for(n):

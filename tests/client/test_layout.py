@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import hand_plans
 import pytest
 import torch
 
 from flashcp_client import PlanMismatchError, dispatch, packed_order, rank_layout
 from flashcp_client.layout import doc_offsets
-from flashcp_planner import CommMode, CostModel, PlanOptions, PlanRequest, ShardingKind, plan
-from flashcp_planner.layout import Layout, build_plan, head_tail_segments, sharding_of, whole
+from flashcp_planner import CommMode, CostModel, PlanOptions, PlanRequest, plan
 
 COST_MODEL = CostModel(name="test-small", num_heads=4, num_kv_heads=2, head_dim=8, bytes_per_element=4)
 STRATEGY_NAMES = ("zigzag", "contiguous", "per_doc", "whole_doc", "flashcp")
@@ -30,25 +30,8 @@ def _request(lengths, n, strategy, comm):
 
 
 def sub_group_plan(lengths, n, comm):
-    """Doc 0 head-tail over ranks 1..n-1 (a sub-group), doc 1 per-doc, the rest whole round-robin."""
     assert n >= 3 and len(lengths) >= 2
-    ctx = _request(lengths, n, "flashcp", comm).contexts()[0]
-    rank_segments = [[] for _ in range(n)]
-    documents = []
-    for doc, length in enumerate(lengths):
-        if doc in (0, 1):
-            group = tuple(range(1, n)) if doc == 0 else tuple(range(n))
-            pieces = head_tail_segments(doc, length, group)
-            for r, seg in pieces:
-                rank_segments[r].append(seg)
-            kind = ShardingKind.SUB_GROUP if doc == 0 else ShardingKind.PER_DOC
-            documents.append(sharding_of(doc, group, pieces, kind))
-        else:
-            seg, sharding = whole(doc, length, doc % n)
-            rank_segments[doc % n].append(seg)
-            documents.append(sharding)
-    layout = Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents))
-    return build_plan(ctx, layout, strategy="flashcp", comm=comm)
+    return hand_plans.sub_group_plan(_request(lengths, n, "flashcp", comm).contexts()[0], comm)
 
 
 def all_plans(lengths, n):
