@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from flashcp_planner.comm import derive_transfers
 from flashcp_planner.errors import InvalidRequest
-from flashcp_planner.model import Plan
+from flashcp_planner.model import CommMode, Plan
 
 __all__ = ["validate_plan"]
 
@@ -83,7 +83,9 @@ def validate_plan(plan: Plan, *, check_transfers: bool = True) -> None:
             raise InvalidRequest(f"plan.documents[{doc}]",
                                  f"ranks {list(sharding.ranks)} do not match owners {sorted(owners)}")
     if check_transfers:
-        derived = derive_transfers([rp.segments for rp in plan.ranks], plan.comm)
-        expected = () if plan.comm.value == "all_gather" else derived
+        if plan.comm is CommMode.ALL_GATHER:  # implied by the mode, never listed
+            expected: tuple = ()
+        else:
+            expected = derive_transfers([rp.segments for rp in plan.ranks], plan.comm)
         if tuple(plan.transfers) != expected:
             raise InvalidRequest("plan.transfers", f"do not match the segments under comm mode {plan.comm.value}")
