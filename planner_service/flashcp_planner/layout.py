@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flashcp_planner.comm import transfers_and_traffic
 from flashcp_planner.cost import lower_bound_ms, rank_costs_of_traffic
+from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
     CommMode,
     DocSharding,
@@ -80,6 +82,9 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
         rank_segments, comm, ctx.cost_model.gpus_per_node, list_all_gather=False
     )
     costs = rank_costs_of_traffic(rank_segments, recv, send, ctx.cost_model)
+    makespan = max(c.total_ms for c in costs)
+    if not math.isfinite(makespan):
+        raise InvalidRequest("cost_model", "its constants make the predicted time overflow (tiny throughputs?)")
     plan = Plan(
         strategy=strategy,
         cp_size=ctx.cp_size,
@@ -93,7 +98,7 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
         ),
         documents=layout.documents,
         transfers=all_transfers,
-        makespan_ms=max(c.total_ms for c in costs),
+        makespan_ms=makespan,
         lower_bound_ms=lower_bound_ms(ctx.doc_lengths, ctx.cp_size, ctx.cost_model),
         optimality=layout.optimality,
     )

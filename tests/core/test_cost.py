@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -162,3 +163,12 @@ def test_split_documents_are_priced_near_the_measured_per_rank_time(cp):
     median = errors[len(errors) // 2]
     assert 0.0 <= median <= 0.35, median
     assert errors[0] > -0.1, errors[0]
+
+
+def test_constants_that_overflow_the_prediction_are_rejected_by_field():
+    from flashcp_planner import PlanRequest, plan
+
+    tiny = dataclasses.replace(get_preset("h100-llama8b"), gemm_tflops=5e-324)
+    with pytest.raises(InvalidRequest) as info:
+        plan(PlanRequest(micro_batches=[[4096, 100]], cp_size=2, cost_model=tiny))
+    assert info.value.field == "cost_model"
