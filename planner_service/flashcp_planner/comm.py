@@ -32,7 +32,7 @@ def derive_transfers(rank_segments: Sequence[Sequence[Segment]], comm: CommMode)
 
 
 def transfers_and_traffic(
-    rank_segments: Sequence[Sequence[Segment]], comm: CommMode, gpus_per_node: int, *, list_all_gather: bool = True
+    rank_segments: Sequence[Sequence[Segment]], comm: CommMode, gpus_per_node: int, *, list_transfers: bool = True
 ) -> tuple[tuple[KVTransfer, ...], Traffic, Traffic]:
     """:func:`derive_transfers` plus the tokens every rank receives and sends, per link class.
 
@@ -42,8 +42,8 @@ def transfers_and_traffic(
 
     Returns:
         ``(transfers, recv, send)``; ``recv[r]`` / ``send[r]`` are ``[intra, inter]`` token counts.
-        With ``list_all_gather=False`` the ``ALL_GATHER`` transfer list (O(N x segments), implied
-        by the mode) is not built and ``transfers`` is empty; the totals are closed-form.
+        With ``list_transfers=False`` no transfer is listed (``transfers`` is empty); the totals are
+        computed all the same (closed-form for ``ALL_GATHER``).
     """
     n = len(rank_segments)
     gpn = gpus_per_node
@@ -51,7 +51,7 @@ def transfers_and_traffic(
     send = [[0, 0] for _ in range(n)]
     if comm is CommMode.ALL_GATHER:
         transfers: list[KVTransfer] = []
-        for dst in range(n if list_all_gather else 0):
+        for dst in range(n if list_transfers else 0):
             incoming = [_new(KVTransfer, (src, dst, s[0], s[1], s[2]))
                         for src, segments in enumerate(rank_segments) if src != dst for s in segments]
             incoming.sort(key=_doc_start_src)
@@ -88,7 +88,7 @@ def transfers_and_traffic(
         for index, (start, end, rank) in enumerate(owned):
             need[rank] = index if exact else last
             own[rank] = own.get(rank, 0) + end - start
-        for dst, upto in need.items():
+        for dst, upto in need.items() if list_transfers else ():
             # Pieces are disjoint and cover the document, so every piece before dst's last one lies
             # entirely below dst's need: exact-need transfers never cut a piece.
             by_dst[dst] += [_new(KVTransfer, (src, dst, doc, start, end))
@@ -129,11 +129,14 @@ def _doc_start_src(t: KVTransfer) -> tuple[int, int, int]:
 
 
 def kv_transfers(plan: Plan) -> tuple[KVTransfer, ...]:
-    """Every forward transfer of ``plan``, materialised for every mode.
+    """Every forward transfer of ``plan``, sorted by ``(dst, doc, start, src)``, for every mode.
 
-    ``Plan.transfers`` is left empty for ``ALL_GATHER`` (it is implied: every
-    remote token to every rank, and listing it is O(N * segments)).
+    Returns ``plan.transfers`` when the plan lists them; otherwise derives them from the segments
+    (planners do not list them: see :attr:`Plan.transfers`) and remembers them on the plan.
     """
-    if plan.comm is CommMode.ALL_GATHER:
-        return derive_transfers([rp.segments for rp in plan.ranks], plan.comm)
-    return plan.transfers
+    if plan.transfers is not None:
+        return plan.transfers
+    transfers = derive_transfers([rp.segments for rp in plan.ranks], plan.comm)
+    if plan.comm is not CommMode.ALL_GATHER:  # all-gather lists stay implied: O(N x segments) to keep
+        object.__setattr__(plan, "transfers", transfers)
+    return transfers

@@ -78,9 +78,7 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
     from flashcp_planner.validation import validate_plan
 
     rank_segments = segments_by_rank(layout.rank_segments)
-    all_transfers, recv, send = transfers_and_traffic(
-        rank_segments, comm, ctx.cost_model.gpus_per_node, list_all_gather=False
-    )
+    _, recv, send = transfers_and_traffic(rank_segments, comm, ctx.cost_model.gpus_per_node, list_transfers=False)
     costs = rank_costs_of_traffic(rank_segments, recv, send, ctx.cost_model)
     makespan = max(c.total_ms for c in costs)
     if not math.isfinite(makespan):
@@ -97,7 +95,6 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
             for r, (segs, c) in enumerate(zip(rank_segments, costs, strict=True))
         ),
         documents=layout.documents,
-        transfers=all_transfers,
         makespan_ms=makespan,
         lower_bound_ms=lower_bound_ms(ctx.doc_lengths, ctx.cp_size, ctx.cost_model),
         optimality=layout.optimality,

@@ -204,14 +204,19 @@ class Plan:
     """Name of the cost model the costs were predicted with."""
     ranks: tuple[RankPlan, ...]
     documents: tuple[DocSharding, ...]
-    transfers: tuple[KVTransfer, ...]
-    """Forward KV transfers, sorted by ``(dst, doc, start, src)``."""
     makespan_ms: float
     """``max(rank.cost.total_ms)``: predicted step time of one layer."""
     lower_bound_ms: float
     """Perfect balance, full kernel efficiency, no exposed communication."""
     optimality: Optimality | None = None
     """Filled by exact strategies only."""
+    transfers: tuple[KVTransfer, ...] | None = field(default=None, compare=False)
+    """Forward KV transfers, sorted by ``(dst, doc, start, src)``, when listed; ``None``: not listed yet.
+
+    They are a pure function of the segments and ``comm`` (an exact-need plan over k ranks per document
+    implies O(k^2) of them), so planners leave them out and :func:`flashcp_planner.kv_transfers` derives
+    them on first use. A listed tuple is checked against the derivation by validation. Never listed for
+    ``ALL_GATHER`` (every remote token to every rank: O(N x segments)). Not part of equality: derived data."""
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -221,6 +226,8 @@ class Plan:
     def to_dict(self, *, include_timing: bool = True) -> dict[str, Any]:
         """JSON-ready form. ``include_timing=False`` drops the solver wall time,
         the only field that is not a pure function of the request."""
+        from flashcp_planner.comm import kv_transfers
+
         out: dict[str, Any] = {
             "version": self.version,
             "strategy": self.strategy,
@@ -249,7 +256,7 @@ class Plan:
             "documents": [
                 {"doc": d.doc, "sharding": d.kind.value, "ranks": list(d.ranks)} for d in self.documents
             ],
-            "transfers": [[t.src, t.dst, t.doc, t.start, t.end] for t in self.transfers],
+            "transfers": [] if self.comm is CommMode.ALL_GATHER else list(map(list, kv_transfers(self))),
         }
         if self.optimality is not None:
             opt = {
@@ -311,8 +318,8 @@ class Plan:
             )
             transfers = tuple(
                 KVTransfer(src=int(a), dst=int(b), doc=int(c), start=int(s), end=int(e))
-                for a, b, c, s, e in data["transfers"]
-            )
+                for a, b, c, s, e in data.get("transfers") or ()
+            ) or None
             opt_data = data.get("optimality")
             optimality = None
             if opt_data is not None:

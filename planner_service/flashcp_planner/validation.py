@@ -82,7 +82,7 @@ def validate_plan(plan: Plan, *, check_transfers: bool = True) -> None:
         if sharding.doc != doc or set(sharding.ranks) != owners:
             raise InvalidRequest(f"plan.documents[{doc}]",
                                  f"ranks {list(sharding.ranks)} do not match owners {sorted(owners)}")
-    if check_transfers:
+    if check_transfers and plan.transfers is not None:  # unlisted transfers are derived, hence right
         if plan.comm is CommMode.ALL_GATHER:  # implied by the mode, never listed
             expected: tuple = ()
         else:

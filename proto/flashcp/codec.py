@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from flashcp.v1 import planner_pb2 as pb
+from flashcp_planner.comm import kv_transfers
 from flashcp_planner.cost import CostModel
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
@@ -299,7 +300,7 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None) -> pb.Plan:
     for d in plan.documents:
         add_doc(doc=d.doc, sharding=kinds[d.kind], ranks=d.ranks)
     add_transfer = message.transfers.add
-    for t in plan.transfers:
+    for t in () if plan.comm is CommMode.ALL_GATHER else kv_transfers(plan):
         add_transfer(src=t.src, dst=t.dst, doc=t.doc, start=t.start, end=t.end)
     if plan.optimality is not None:
         o = plan.optimality
@@ -386,7 +387,7 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
         documents=documents,
         transfers=tuple(
             KVTransfer(src=t.src, dst=t.dst, doc=t.doc, start=t.start, end=t.end) for t in message.transfers
-        ),
+        ) or None,
         makespan_ms=message.makespan_ms,
         lower_bound_ms=message.lower_bound_ms,
         optimality=optimality,

@@ -123,6 +123,7 @@ def _checks(rank, n, record):
         undispatch,
         verify_plan_agreement,
     )
+    from flashcp_planner import kv_transfers
 
     lengths = BATCHES[n]
     total = sum(lengths)
@@ -181,7 +182,8 @@ def _checks(rank, n, record):
                f"fwd {stats.forward_recv_bytes}/{stats.forward_send_bytes} bwd {stats.backward_send_bytes}/"
                f"{stats.backward_recv_bytes}, planned recv/send {cost.recv_bytes}/{cost.send_bytes}")
         if label in MOVING_PLANS:
-            record(f"{label}/moves_kv", bool(p.transfers) and layout.group_has_transfers, "plan splits some document")
+            record(f"{label}/moves_kv", bool(kv_transfers(p)) and layout.group_has_transfers,
+                   "plan splits some document")
 
     if n == 2:
         _triton_interpreter_case(rank, n, record)

@@ -18,7 +18,7 @@ import torch
 
 from flashcp_client import PlanMismatchError, dispatch, packed_order, rank_layout
 from flashcp_client.layout import doc_offsets
-from flashcp_planner import CommMode, CostModel, PlanOptions, PlanRequest, plan
+from flashcp_planner import CommMode, CostModel, PlanOptions, PlanRequest, kv_transfers, plan
 
 COST_MODEL = CostModel(name="test-small", num_heads=4, num_kv_heads=2, head_dim=8, bytes_per_element=4)
 STRATEGY_NAMES = ("zigzag", "contiguous", "per_doc", "whole_doc", "flashcp")
@@ -164,12 +164,12 @@ def test_dispatch_is_a_gather_of_the_local_index():
 
 def test_plan_whose_transfers_miss_needed_keys_is_rejected():
     p = plan(_request((40, 6), 2, "per_doc", CommMode.EXACT_NEED))[0]
-    assert p.transfers
-    dropped = p.transfers[0]
-    tampered = dataclasses.replace(p, transfers=p.transfers[1:])
+    listed = kv_transfers(p)
+    dropped = listed[0]
+    tampered = dataclasses.replace(p, transfers=listed[1:])
     with pytest.raises(PlanMismatchError, match="neither owns nor receives"):
         rank_layout(tampered, dropped.dst)
     bogus = dropped._replace(src=dropped.dst, dst=dropped.src)
-    wrong_sender = dataclasses.replace(p, transfers=(*p.transfers, bogus))
+    wrong_sender = dataclasses.replace(p, transfers=(*listed, bogus))
     with pytest.raises(PlanMismatchError, match="does not own"):
         rank_layout(wrong_sender, bogus.src)
