@@ -54,7 +54,7 @@ from typing import ClassVar
 from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
 from flashcp_planner.model import CommMode, DocSharding, Segment, ShardingKind
 from flashcp_planner.request import PlanContext
-from flashcp_planner.strategies.shares import LoadState, Share, pieces_shares, whole_share
+from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
 
 __all__ = ["FILL", "FlashCPHeuristic", "Placement", "PlacementSearch", "group_sizes", "heuristic_placements",
            "placements_layout"]
@@ -143,8 +143,7 @@ class PlacementSearch:
             if g0 and self._shift_ok[k]:
                 cached = tuple((s[0] + g0, *s[1:]) for s in self.shares(d, 0, k))  # type: ignore[misc]
             else:
-                pieces = head_tail_segments(d, self.lengths[d], range(g0, g0 + k))
-                cached = pieces_shares(pieces, self.cm, self.comm)
+                cached = head_tail_shares(d, self.lengths[d], g0, k, self.cm, self.comm)
             self._cache[key] = cached
         return cached
 

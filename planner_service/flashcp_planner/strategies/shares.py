@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flashcp_planner.cost import CostModel
+from flashcp_planner.layout import head_tail_segments
 from flashcp_planner.model import CommMode, Segment
 
-__all__ = ["Share", "LoadState", "pieces_shares", "whole_share"]
+__all__ = ["Share", "LoadState", "head_tail_shares", "pieces_shares", "whole_share"]
 
 Share = tuple[int, int, float, float, int, int, int, int]
 
@@ -81,6 +82,83 @@ def pieces_shares(
         else:
             _exact_need_traffic(pieces, acc, last_index, gpn)
     return tuple(tuple(entry) for entry in acc.values())  # type: ignore[misc]
+
+
+def head_tail_shares(
+    doc: int, length: int, first_rank: int, k: int, cost_model: CostModel, comm: CommMode
+) -> tuple[Share, ...]:
+    """``pieces_shares(head_tail_segments(doc, length, range(first_rank, first_rank + k)), ...)``, the same
+    tuples, in O(k) closed form when every one of the 2k chunks is non-empty (``length >= 2k``).
+
+    Position p (rank ``first_rank + p``) owns head chunk p and tail chunk p (piece 2k-1-p). Pieces
+    run heads by position, then tails by descending position, so under exact need holder p reads every
+    head and the tails of positions q >= p: the head of p has k readers, the tail of p the p + 1
+    positions q <= p.
+    """
+    if length < 2 * k or k < 4:  # (tiny groups: the generic path is as fast)
+        return pieces_shares(head_tail_segments(doc, length, range(first_rank, first_rank + k)), cost_model, comm)
+    base, rem = divmod(length, 2 * k)
+    head = [base] * k
+    tail = [base] * k
+    for i in range(rem):
+        pos = (doc + i) % k
+        if i < k:
+            head[pos] += 1
+        else:
+            tail[pos] += 1
+    bounds = []
+    start = 0
+    for size in head:
+        bounds.append((start, start + size))
+        start += size
+    tail_bounds = []
+    for size in reversed(tail):
+        tail_bounds.append((start, start + size))
+        start += size
+    bounds += reversed(tail_bounds)  # position order
+    ms = cost_model.attention_ms_of(bounds)
+    head_ms, tail_ms = ms[:k], ms[k:]
+    tokens = [h + t for h, t in zip(head, tail, strict=True)]
+    gpn = cost_model.gpus_per_node
+    node = [(first_rank + p) // gpn for p in range(k)]
+    traffic = [(0, 0, 0, 0)] * k
+    if comm is CommMode.EXACT_NEED:
+        node_heads: dict[int, int] = {}
+        node_size: dict[int, int] = {}
+        for p in range(k):
+            node_heads[node[p]] = node_heads.get(node[p], 0) + head[p]
+            node_size[node[p]] = node_size.get(node[p], 0) + 1
+        heads_total = sum(head)
+        tails_from: list[int] = [0] * (k + 1)  # tails of positions >= p, overall and in p's node
+        node_tails_from: list[int] = [0] * k
+        running: dict[int, int] = {}
+        for p in range(k - 1, -1, -1):
+            tails_from[p] = tails_from[p + 1] + tail[p]
+            running[node[p]] = running.get(node[p], 0) + tail[p]
+            node_tails_from[p] = running[node[p]]
+        seen: dict[int, int] = {}  # positions q <= p in p's node
+        out = []
+        for p in range(k):
+            nd = node[p]
+            seen[nd] = seen.get(nd, 0) + 1
+            same = node_heads[nd] + node_tails_from[p]
+            m = node_size[nd]
+            out.append((same - tokens[p], heads_total + tails_from[p] - same,
+                        head[p] * (m - 1) + tail[p] * (seen[nd] - 1),
+                        head[p] * (k - m) + tail[p] * (p + 1 - seen[nd])))
+        traffic = out
+    elif comm is CommMode.SHARDING_AWARE:
+        node_tokens: dict[int, int] = {}
+        node_size = {}
+        for p in range(k):
+            node_tokens[node[p]] = node_tokens.get(node[p], 0) + tokens[p]
+            node_size[node[p]] = node_size.get(node[p], 0) + 1
+        total = sum(tokens)
+        traffic = [(node_tokens[node[p]] - tokens[p], total - node_tokens[node[p]],
+                    tokens[p] * (node_size[node[p]] - 1), tokens[p] * (k - node_size[node[p]])) for p in range(k)]
+    shares = [(first_rank + p, tokens[p], 0.0 + head_ms[p] + tail_ms[p], 0.0, *traffic[p]) for p in range(k)]
+    shares[0] = (*shares[0][:3], 0.0 + head_ms[0], *shares[0][4:])  # only head chunk 0 reads no remote key
+    return tuple(shares)  # type: ignore[return-value]
 
 
 def _exact_need_traffic(
