@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, compress
 from operator import itemgetter
 
 from flashcp_planner.model import CommMode, KVTransfer, Plan, Segment
@@ -68,16 +67,16 @@ def transfers_and_traffic(
             recv[r] = [node_tokens[node] - tokens, total - node_tokens[node]]
             send[r] = [tokens * (node_size[node] - 1), tokens * (n - node_size[node])]
         return tuple(transfers), recv, send
-    # Documents with several segments (counted in C); those held by one rank only yield no transfer.
-    counts = Counter(map(itemgetter(0), chain.from_iterable(rank_segments)))
-    split_docs = {doc for doc, count in counts.items() if count > 1}
+    # Documents with a segment not starting at token 0 (found in C): in a layout covering every
+    # document once, exactly those held in several pieces. Pieces on one rank only yield no transfer.
+    split_docs = set(map(itemgetter(0), filter(itemgetter(1), chain.from_iterable(rank_segments))))
     if not split_docs:
         return (), recv, send
     owners: dict[int, list[tuple[int, int, int]]] = {doc: [] for doc in sorted(split_docs)}
+    held = split_docs.__contains__
     for rank, segments in enumerate(rank_segments):
-        for doc, start, end in segments:
-            if doc in split_docs:
-                owners[doc].append((start, end, rank))
+        for doc, start, end in compress(segments, map(held, map(itemgetter(0), segments))):
+            owners[doc].append((start, end, rank))
     exact = comm is CommMode.EXACT_NEED
     by_dst: list[list[KVTransfer]] = [[] for _ in range(n)]
     for doc, owned in owners.items():  # docs ascending, so every dst list ends up sorted by (doc, start)

@@ -23,6 +23,7 @@ import operator
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import KVTransfer, RankCost, Segment
@@ -273,33 +274,37 @@ def rank_costs_of_traffic(
     cost_model: CostModel,
 ) -> tuple[RankCost, ...]:
     """:func:`rank_costs` from per-rank ``[intra, inter]`` KV tokens received / sent in forward
-    (:func:`flashcp_planner.comm.transfers_and_traffic`) instead of the transfer list."""
+    (:func:`flashcp_planner.comm.transfers_and_traffic`) instead of the transfer list.
+
+    Attention sums use :func:`math.fsum` (exactly rounded, so independent of order and of the
+    Python version's ``sum``). Segments from token 0 (whole documents, head chunks) are scored in
+    bulk through the whole-document memo; the others one by one.
+    """
     kv = cost_model.kv_bytes_per_token
     costs = []
-    attention_ms = cost_model.attention_ms
-    whole_ms = cost_model._whole_cache.get
     lin = cost_model.linear_ms_per_token
     overlap = cost_model.overlap_fraction
     link_ms = cost_model.link_ms
     for r, segments in enumerate(rank_segments):
+        local_ms: list[float] = []
+        remote_ms: list[float] = []
         tokens = 0
-        attention = 0.0
-        local_attention = 0.0
-        prefix: dict[int, int] = {}  # doc -> end of the rank's contiguous run of keys from 0
-        for doc, start, end in segments:  # local order is (doc, start), so a prefix grows in order
-            tokens += end - start
-            if start == 0:
-                ms = whole_ms(end)
-                if ms is None:
-                    ms = attention_ms(0, end)
-                prefix[doc] = end
-                local_attention += ms  # keys [0, end) of a segment are local iff the rank owns them all
-            else:
-                ms = attention_ms(start, end)
-                if prefix.get(doc) == start:
+        if segments:
+            docs, starts, ends = zip(*segments, strict=True)
+            tokens = sum(ends) - sum(starts)
+            from_zero = list(map(operator.not_, starts))
+            zero_ends = list(compress(ends, from_zero))
+            local_ms = cost_model.whole_attention_ms(zero_ends)
+            prefix = dict(zip(compress(docs, from_zero), zero_ends, strict=True))  # doc -> end of its keys from 0
+            for doc, start, end in compress(segments, starts):  # in (doc, start) order: a prefix grows in order
+                ms = cost_model.attention_ms(start, end)
+                if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
                     prefix[doc] = end
-                    local_attention += ms
-            attention += ms
+                    local_ms.append(ms)
+                else:
+                    remote_ms.append(ms)
+        local_attention = math.fsum(local_ms)
+        attention = math.fsum(local_ms + remote_ms)
         (ri, rx), (si, sx) = recv[r], send[r]
         comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
         exposed = max(0.0, comm - overlap * local_attention)

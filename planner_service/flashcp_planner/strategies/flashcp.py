@@ -46,6 +46,7 @@ import heapq
 import math
 import operator
 import random
+from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import filterfalse, groupby, repeat
 from operator import itemgetter
@@ -77,6 +78,8 @@ compound moves. Above, splits are tried only when no cheaper whole-document move
 _SMALL_CP = 16
 _SWAP_DOCS = 16
 """Largest whole documents of the slowest rank tried in swaps."""
+_SWAP_SCORED = 4
+"""Large instances: swaps scored exactly per round, the closest to half the gap (the rest only estimated)."""
 _COMPOUND_EVICT = 6
 """Compound moves displacing more whole documents than this are not tried."""
 _COMPOUND_TARGETS = 4
@@ -325,14 +328,14 @@ class PlacementSearch:
                     there = sorted((self.whole_ms[e] + lengths[e] * lin, e) for e in touch[s]
                                    if placement[e][1] == 1)
                     half_gap = (cur - totals[s]) / 2
-                    for w, d in whole_here[-_SWAP_DOCS:]:
-                        for e in self._near(there, w - half_gap):
-                            if e == d:
-                                continue
-                            t, fits = state.peek_shift(r, s, lengths[d] - lengths[e],
-                                                       self.whole_ms[d] - self.whole_ms[e])
-                            if fits and t < best_time:
-                                best_time, best_move = t, (d, (s, 1), e, (r, 1))
+                    # Without KV on either rank a swap moving cost c ends at max(cur - c, t_s + c): best
+                    # near c = half the gap. Rank the pairs by that, score the closest exactly.
+                    pairs = sorted((abs(w - w_e - half_gap), d, e) for w, d in whole_here[-_SWAP_DOCS:]
+                                   for w_e, e in self._near_items(there, w - half_gap) if e != d)
+                    for _, d, e in pairs if self.small else pairs[:_SWAP_SCORED]:
+                        t, fits = state.peek_shift(r, s, lengths[d] - lengths[e], self.whole_ms[d] - self.whole_ms[e])
+                        if fits and t < best_time:
+                            best_time, best_move = t, (d, (s, 1), e, (r, 1))
             if best_move is not None and not small:
                 self._move(state, placement, touch, best_move[0], best_move[1])
                 if best_move[2] >= 0:
@@ -478,10 +481,13 @@ class PlacementSearch:
     @staticmethod
     def _near(items: list[tuple[float, int]], value: float) -> list[int]:
         """Documents of the sorted ``(time, doc)`` list whose time is nearest ``value`` (two each side)."""
-        import bisect
+        return [d for _, d in PlacementSearch._near_items(items, value)]
 
-        i = bisect.bisect_left(items, (value, -1))
-        return [d for _, d in items[max(0, i - 2):i + 2]]
+    @staticmethod
+    def _near_items(items: list[tuple[float, int]], value: float) -> list[tuple[float, int]]:
+        """The entries of the sorted ``(time, doc)`` list whose time is nearest ``value`` (two each side)."""
+        i = bisect_left(items, (value, -1))
+        return items[max(0, i - 2):i + 2]
 
     def _move(
         self, state: LoadState, placement: list[Placement], touch: list[set[int]], d: int, new: Placement
