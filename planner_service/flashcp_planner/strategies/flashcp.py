@@ -48,7 +48,7 @@ import operator
 import random
 from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import filterfalse, groupby, repeat
+from itertools import compress, filterfalse, groupby, repeat
 from operator import itemgetter
 from typing import ClassVar
 
@@ -163,7 +163,7 @@ class PlacementSearch:
         capacity = self.capacity
         whole_ms = self.whole_ms
         state = LoadState(cm, n, self.comm, capacity)
-        tok, attn, local = state.tok, state.attn, state.local
+        tok, attn, local, dirty = state.tok, state.attn, state.local, state.dirty.add
         placement: list[Placement] = [(0, 1)] * len(lengths)
         whole_on = [(r, 1) for r in range(n)]  # shared placement tuples
         fills: dict[int, list[tuple[int, Segment]]] = {}
@@ -197,6 +197,7 @@ class PlacementSearch:
                 tok[r] += length  # fast path: whole on the least-loaded rank (LoadState.add inlined)
                 attn[r] += w
                 local[r] += w
+                dirty(r)
                 placement[d] = whole_on[r]
                 key[r] += w + length * lin
                 heapreplace(heap, (key[r], r))
@@ -616,9 +617,11 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills
     # constructor per document); the split documents are then patched in.
     first_ranks = list(map(itemgetter(0), placement))
     new = tuple.__new__
-    documents = list(map(new, repeat(DocSharding), zip(range(num_docs), repeat(ShardingKind.WHOLE), zip(first_ranks))))
+    rank_tuples = [(r,) for r in range(n)]
+    documents = list(map(new, repeat(DocSharding),
+                         zip(range(num_docs), repeat(ShardingKind.WHOLE), map(rank_tuples.__getitem__, first_ranks))))
     whole_segments = list(map(new, repeat(Segment), zip(range(num_docs), repeat(0), lengths)))
-    split = [d for d, option in enumerate(placement) if option[1] != 1]
+    split = list(compress(range(num_docs), map((1).__ne__, map(itemgetter(1), placement))))
     split_set = set(split)
     by_rank = sorted(range(num_docs), key=first_ranks.__getitem__)  # stable: documents ascending per rank
     rank_segments: list[list[Segment]] = [[] for _ in range(n)]

@@ -211,7 +211,7 @@ class LoadState:
 
     __slots__ = ("cm", "n", "comm", "tok", "attn", "local", "ri", "rx", "si", "sx", "_lin", "_kv",
                  "_lat_i", "_lat_x", "_bw_i", "_bw_x", "_ov", "_node_tok", "_node_size", "_total_tokens",
-                 "capacity")
+                 "capacity", "dirty", "_totals")
 
     def __init__(self, cost_model: CostModel, cp_size: int, comm: CommMode, capacity: int) -> None:
         self.cm = cost_model
@@ -237,11 +237,16 @@ class LoadState:
         self._node_tok = [0] * num_nodes
         self._node_size = [min(gpn, cp_size - node * gpn) for node in range(num_nodes)]
         self._total_tokens = 0
+        self._totals = [0.0] * cp_size
+        self.dirty: set[int] = set(range(cp_size))
+        """Ranks whose cached :meth:`total` is stale; callers that update the sums directly add to it."""
 
     def add(self, shares: Sequence[Share], sign: int = 1) -> None:
         """Add (``sign=1``) or remove (``sign=-1``) the shares of one placement."""
         gpn = self.cm.gpus_per_node
+        dirty = self.dirty.add
         for r, tok, attn, local, ri, rx, si, sx in shares:
+            dirty(r)
             self.tok[r] += sign * tok
             self.attn[r] += sign * attn
             self.local[r] += sign * local
@@ -257,11 +262,6 @@ class LoadState:
         gpn = self.cm.gpus_per_node
         self._node_tok = [sum(self.tok[node * gpn:(node + 1) * gpn]) for node in range(len(self._node_tok))]
         self._total_tokens = sum(self.tok)
-
-    def add_tokens(self, r: int, tokens: int) -> None:
-        """Book-keeping of :meth:`add` for callers that update ``tok``/``attn``/``local`` themselves."""
-        self._node_tok[r // self.cm.gpus_per_node] += tokens
-        self._total_tokens += tokens
 
     def time(self, tok: int, attn: float, local: float, ri: int, rx: int, si: int, sx: int, r: int) -> float:
         """Predicted time of rank ``r`` if its sums were these values."""
@@ -289,11 +289,22 @@ class LoadState:
         return tok * self._lin + attn + exposed
 
     def total(self, r: int) -> float:
-        """Predicted time of rank ``r`` now."""
-        return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r], r)
+        """Predicted time of rank ``r`` now (cached between changes of its sums, except under
+        ``ALL_GATHER``, where every rank's traffic depends on every rank's tokens)."""
+        if r in self.dirty or self.comm is CommMode.ALL_GATHER:
+            self._totals[r] = self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r],
+                                        self.si[r], self.sx[r], r)
+            self.dirty.discard(r)
+        return self._totals[r]
 
     def totals(self) -> list[float]:
-        return [self.total(r) for r in range(self.n)]
+        """:meth:`total` of every rank (a new list)."""
+        stale = range(self.n) if self.comm is CommMode.ALL_GATHER else self.dirty
+        for r in stale:
+            self._totals[r] = self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r],
+                                        self.si[r], self.sx[r], r)
+        self.dirty.clear()
+        return list(self._totals)
 
     def peek(self, remove: Sequence[Share], add: Sequence[Share]) -> tuple[float, bool]:
         """Max new time over the ranks touched by moving a document from ``remove`` to ``add``.
