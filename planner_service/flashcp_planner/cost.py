@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 
+import numpy as np
+
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import KVTransfer, RankCost, Segment
 
@@ -209,8 +211,9 @@ class CostModel:
         missing = set(lengths).difference(cache)
         if len(cache) + len(missing) > _WHOLE_CACHE_SIZE:
             return [self.attention_ms(0, length) for length in lengths]
-        for length in missing:
-            self.attention_ms(0, length)
+        if missing:
+            ordered = sorted(missing)
+            cache.update(zip(ordered, self.attention_ms_of([(0, length) for length in ordered]), strict=True))
         return list(map(cache.__getitem__, lengths))
 
     def max_efficiency_upto(self, effective_tokens: int) -> float:
@@ -220,6 +223,16 @@ class CostModel:
             if q <= effective_tokens:
                 best = max(best, eff)
         return best
+
+    def max_efficiency_upto_many(self, effective_tokens: Sequence[int]) -> list[float]:
+        """:meth:`max_efficiency_upto` of every element (for bounds over many documents)."""
+        log_q = np.array([math.log2(q) if q > 1 else 0.0 for q in effective_tokens])
+        lq = np.array(self._eff_log_q)
+        ev = np.array(self._eff_val)
+        eff = np.interp(log_q, lq, ev)  # clamps at both ends, like efficiency()
+        reached = np.searchsorted(lq, log_q, side="right")  # curve points at or below each length
+        best_reached = np.concatenate([[0.0], np.maximum.accumulate(ev)])[reached]
+        return np.maximum(eff, best_reached).tolist()
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""

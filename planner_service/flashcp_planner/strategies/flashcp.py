@@ -52,6 +52,8 @@ from itertools import compress, filterfalse, groupby, repeat
 from operator import itemgetter
 from typing import ClassVar
 
+import numpy as np
+
 from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
 from flashcp_planner.model import CommMode, DocSharding, Segment, ShardingKind
 from flashcp_planner.request import PlanContext
@@ -129,6 +131,11 @@ class PlacementSearch:
         self.comm = comm
         self.ks = group_sizes(self.n, ctx.options.allow_sub_group)
         self.whole_ms = self.cm.whole_attention_ms(self.lengths)
+        lin = self.cm.linear_ms_per_token
+        self.whole_cost = list(map(operator.add, self.whole_ms, map(lin.__mul__, self.lengths)))
+        """Per document, its time kept whole: attention + linear (the LPT key of the whole_doc baseline)."""
+        self.longest_first = np.argsort(-np.asarray(self.lengths, dtype=np.int64), kind="stable").tolist()
+        """Documents by decreasing length, ties by index."""
         self.small = len(self.lengths) <= _SMALL_INSTANCE and self.n <= _SMALL_CP
         """Small instances get the exhaustive improvement moves (every group, compound moves)."""
         self._cache: dict[tuple[int, int, int], tuple[Share, ...]] = {}
@@ -176,8 +183,20 @@ class PlacementSearch:
         heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
         deviated = split_any = False
         blocked: list[tuple[int, int]] = []  # (-room, rank): ranks without room for the current document
-        for d in sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True):  # stable: ties by index
+        cost = self.whole_cost
+        for d in self.longest_first:
             length = lengths[d]
+            t, r = heap[0]
+            if t == key[r] and tok[r] + length <= capacity and cost[d] < split_floor and not blocked:
+                tok[r] += length  # fast path: whole on the least-loaded rank (LoadState.add inlined)
+                w = whole_ms[d]
+                attn[r] += w
+                local[r] += w
+                dirty(r)
+                placement[d] = whole_on[r]
+                key[r] = t + cost[d]
+                heapreplace(heap, (key[r], r))
+                continue
             w = whole_ms[d]
             while blocked and -blocked[0][0] >= length:  # documents only shrink: a rank regains a chance
                 r = heappop(blocked)[1]
@@ -221,13 +240,16 @@ class PlacementSearch:
                 key[rank] = key[rank] + w + length * lin if choice[1] == 1 else state.total(rank)
                 heappush(heap, (key[rank], rank))
         state.sync_tokens()
-        touch: list[set[int]] = [set() for _ in range(n)]
-        for d, (g0, k) in enumerate(placement):
-            if k == 1:
-                touch[g0].add(d)
-            else:
-                for share in (pieces_shares(fills[d], cm, self.comm) if k == FILL else self.shares(d, g0, k)):
-                    touch[share[0]].add(d)
+        first_rank = np.fromiter(map(itemgetter(0), placement), dtype=np.int64, count=len(placement))
+        by_rank = np.argsort(first_rank, kind="stable")
+        bounds = np.searchsorted(first_rank[by_rank], np.arange(n + 1)).tolist()
+        by_rank_list = by_rank.tolist()
+        touch: list[set[int]] = [set(by_rank_list[bounds[r]:bounds[r + 1]]) for r in range(n)]
+        for d in compress(range(len(placement)), map((1).__ne__, map(itemgetter(1), placement))):
+            g0, k = placement[d]  # a split document touches every rank of its shares, not just the first
+            touch[g0].discard(d)
+            for share in (pieces_shares(fills[d], cm, self.comm) if k == FILL else self.shares(d, g0, k)):
+                touch[share[0]].add(d)
         return _Run(placement=placement, fills=fills, state=state, touch=touch, deviated=deviated, split=split_any)
 
     def _choose(self, state: LoadState, d: int, r: int, limit: float, alpha: float) -> Placement | None:
@@ -521,20 +543,17 @@ def _exact_makespan(search: PlacementSearch, placement: list[Placement], fills: 
 
 def _whole_only_lower_bound(search: PlacementSearch) -> float:
     """Lower bound on any all-whole layout: the largest document alone, or the mean rank time."""
-    lin = search.cm.linear_ms_per_token
-    total = sum(search.whole_ms) + sum(search.lengths) * lin
-    largest = max(map(operator.add, search.whole_ms, map(lin.__mul__, search.lengths)))
-    return max(largest, total / search.n)
+    return max(max(search.whole_cost), math.fsum(search.whole_cost) / search.n)
 
 
 def _per_doc_quick_bound(search: PlacementSearch) -> float:
     """Weaker, cheaper form of :func:`_per_doc_lower_bound`: full efficiency, overheads only."""
     cm = search.cm
-    two_n = 2 * search.n
-    chunks = sum(map(min, search.lengths, repeat(two_n)))
+    lengths = np.asarray(search.lengths, dtype=np.int64)
+    chunks = int(np.minimum(lengths, 2 * search.n).sum())
     overhead = chunks * cm.attention_segment_overhead_ms * (1.0 + cm.attention_backward_ratio)
-    pairs = sum(map(operator.mul, search.lengths, map((1).__add__, search.lengths))) // 2
-    linear = sum(search.lengths) * cm.linear_ms_per_token
+    pairs = sum(map(operator.mul, search.lengths, map((1).__add__, search.lengths))) // 2  # exact: no int64 overflow
+    linear = int(lengths.sum()) * cm.linear_ms_per_token
     return (cm.attention_ideal_ms_of_pairs(pairs) + overhead + linear) / search.n
 
 
@@ -547,16 +566,16 @@ def _per_doc_lower_bound(search: PlacementSearch) -> float:
     """
     cm = search.cm
     n = search.n
-    rate = cm.attention_tflops * 1e9
-    head_dims = 4.0 * cm.num_heads * cm.head_dim
-    attention = 0.0
-    for length in search.lengths:
-        longest = -(-length // (2 * n))
-        eff = cm.max_efficiency_upto(math.isqrt(2 * (longest * length)))
-        chunks = min(length, 2 * n)
-        attention += chunks * cm.attention_segment_overhead_ms + head_dims * (length * (length + 1) // 2) / (rate * eff)
-    attention *= 1.0 + cm.attention_backward_ratio
-    return (attention + sum(search.lengths) * cm.linear_ms_per_token) / n
+    exact = np.asarray(search.lengths, dtype=np.int64)
+    longest = -(-exact // (2 * n))
+    effective = list(map(math.isqrt, (2 * longest * exact).tolist()))  # < 2^62: lengths <= 2^31, n >= 2
+    eff = np.array(cm.max_efficiency_upto_many(effective))
+    lengths = exact.astype(np.float64)
+    chunks = np.minimum(lengths, 2 * n)
+    flops = 4.0 * cm.num_heads * cm.head_dim * (lengths * (lengths + 1) / 2)
+    attention = chunks * cm.attention_segment_overhead_ms + flops / (cm.attention_tflops * 1e9 * eff)
+    total = math.fsum(attention.tolist()) * (1.0 + cm.attention_backward_ratio)
+    return (total + sum(search.lengths) * cm.linear_ms_per_token) / n
 
 
 Fills = dict[int, list[tuple[int, Segment]]]
