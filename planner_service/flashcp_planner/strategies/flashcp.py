@@ -252,6 +252,22 @@ class PlacementSearch:
                 touch[share[0]].add(d)
         return _Run(placement=placement, fills=fills, state=state, touch=touch, deviated=deviated, split=split_any)
 
+    def lpt_may_beat(self, makespan: float) -> bool:
+        """Whether pure LPT (``greedy(alpha=0)``, the whole_doc baseline's placement) might end before
+        ``makespan``: its rank keys, without communication, bound its time from below; a document that
+        finds no room on the least-loaded rank makes the answer "maybe"."""
+        heap = [(0.0, r) for r in range(self.n)]
+        tok = [0] * self.n
+        lengths, cost, capacity = self.lengths, self.whole_cost, self.capacity
+        heapreplace = heapq.heapreplace
+        for d in self.longest_first:
+            t, r = heap[0]
+            tok[r] += lengths[d]
+            if tok[r] > capacity:
+                return True
+            heapreplace(heap, (t + cost[d], r))
+        return max(heap)[0] <= makespan * (1.0 + 1e-9)  # margin: the keys sum in another order
+
     def _choose(self, state: LoadState, d: int, r: int, limit: float, alpha: float) -> Placement | None:
         """Placement of a new document: whole on ``r`` (the least-loaded rank with room; -1: none) or a split.
 
@@ -604,7 +620,7 @@ def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placeme
     alphas: tuple[float, ...] = ()
     if run.split and search.small:
         alphas = (*_ALPHAS, 0.0)
-    elif run.deviated and best[0] > _whole_only_lower_bound(search):
+    elif run.deviated and best[0] > _whole_only_lower_bound(search) and search.lpt_may_beat(best[0]):
         alphas = (0.0,)  # pure LPT could still win: run it (never worse than the whole_doc baseline)
     for alpha in alphas:
         other = search.greedy(alpha=alpha)
