@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain, compress
-from operator import itemgetter
 
-from flashcp_planner.model import CommMode, KVTransfer, Plan, Segment
+from flashcp_planner.model import CommMode, KVTransfer, Plan, Segment, Segments
 
 _new = tuple.__new__
 """Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
@@ -69,13 +68,14 @@ def transfers_and_traffic(
         return tuple(transfers), recv, send
     # Documents with a segment not starting at token 0 (found in C): in a layout covering every
     # document once, exactly those held in several pieces. Pieces on one rank only yield no transfer.
-    split_docs = set(map(itemgetter(0), filter(itemgetter(1), chain.from_iterable(rank_segments))))
+    columns = [Segments.of(segments) for segments in rank_segments]
+    split_docs = set(chain.from_iterable(compress(c.docs, c.starts) for c in columns))
     if not split_docs:
         return (), recv, send
     owners: dict[int, list[tuple[int, int, int]]] = {doc: [] for doc in sorted(split_docs)}
     held = split_docs.__contains__
-    for rank, segments in enumerate(rank_segments):
-        for doc, start, end in compress(segments, map(held, map(itemgetter(0), segments))):
+    for rank, c in enumerate(columns):
+        for doc, start, end in compress(zip(c.docs, c.starts, c.ends, strict=True), map(held, c.docs)):
             owners[doc].append((start, end, rank))
     exact = comm is CommMode.EXACT_NEED
     by_dst: list[list[KVTransfer]] = [[] for _ in range(n)]

@@ -28,7 +28,7 @@ from itertools import compress
 import numpy as np
 
 from flashcp_planner.errors import InvalidRequest
-from flashcp_planner.model import KVTransfer, RankCost, Segment
+from flashcp_planner.model import KVTransfer, RankCost, Segment, Segments
 
 __all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "lower_bound_ms"]
 
@@ -303,13 +303,14 @@ def rank_costs_of_traffic(
         remote_ms: list[float] = []
         tokens = 0
         if segments:
-            docs, starts, ends = zip(*segments, strict=True)
+            columns = Segments.of(segments)
+            docs, starts, ends = columns.docs, columns.starts, columns.ends
             tokens = sum(ends) - sum(starts)
             from_zero = list(map(operator.not_, starts))
             zero_ends = list(compress(ends, from_zero))
             local_ms = cost_model.whole_attention_ms(zero_ends)
             prefix = dict(zip(compress(docs, from_zero), zero_ends, strict=True))  # doc -> end of its keys from 0
-            for doc, start, end in compress(segments, starts):  # in (doc, start) order: a prefix grows in order
+            for doc, start, end in compress(zip(docs, starts, ends, strict=True), starts):  # (doc, start) order
                 ms = cost_model.attention_ms(start, end)
                 if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
                     prefix[doc] = end

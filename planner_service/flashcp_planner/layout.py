@@ -16,6 +16,7 @@ from flashcp_planner.model import (
     Plan,
     RankPlan,
     Segment,
+    Segments,
     ShardingKind,
     segments_by_rank,
 )
@@ -31,8 +32,9 @@ _new = tuple.__new__
 class Layout:
     """What a strategy decides: the segments of every rank and each document's sharding."""
 
-    rank_segments: tuple[tuple[Segment, ...], ...]
-    """Per rank, its segments (any order; :func:`build_plan` sorts them)."""
+    rank_segments: tuple[Sequence[Segment], ...]
+    """Per rank, its segments: any order (:func:`build_plan` sorts them), except in a trusted layout
+    given as :class:`Segments`, which must already be in local order ``(doc, start)``."""
     documents: tuple[DocSharding, ...]
     """One entry per document, in document order."""
     optimality: Optimality | None = None
@@ -77,7 +79,10 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
     """Derive transfers and costs of ``layout`` and return the validated plan."""
     from flashcp_planner.validation import validate_plan
 
-    rank_segments = segments_by_rank(layout.rank_segments)
+    if layout.trusted and all(isinstance(segments, Segments) for segments in layout.rank_segments):
+        rank_segments = tuple(layout.rank_segments)
+    else:
+        rank_segments = segments_by_rank(layout.rank_segments)
     _, recv, send = transfers_and_traffic(rank_segments, comm, ctx.cost_model.gpus_per_node, list_transfers=False)
     costs = rank_costs_of_traffic(rank_segments, recv, send, ctx.cost_model)
     makespan = max(c.total_ms for c in costs)

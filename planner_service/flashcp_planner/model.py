@@ -20,9 +20,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from itertools import repeat
+from typing import Any, NamedTuple, overload
 
 from flashcp_planner.errors import InvalidRequest
 
@@ -31,6 +32,7 @@ __all__ = [
     "CommMode",
     "ShardingKind",
     "Segment",
+    "Segments",
     "DocSharding",
     "KVTransfer",
     "RankCost",
@@ -101,6 +103,74 @@ class Segment(NamedTuple):
         return [self.doc, self.start, self.end]
 
 
+class Segments(Sequence[Segment]):
+    """The segments of one rank, stored as three integer columns; :class:`Segment` records on access.
+
+    A plan over tens of thousands of documents would otherwise hold one tuple per segment: building
+    them (and the garbage collector walking them) dominated planning time. Iterating, indexing,
+    ``len`` and ``==`` against any sequence of segments behave as for a tuple of records; the columns
+    ``docs``, ``starts`` and ``ends`` serve bulk consumers (cost evaluation, wire encoding).
+    """
+
+    __slots__ = ("docs", "starts", "ends", "_hash")
+
+    def __init__(self, docs: Sequence[int] = (), starts: Sequence[int] = (), ends: Sequence[int] = ()) -> None:
+        if not len(docs) == len(starts) == len(ends):
+            raise ValueError(f"columns differ in length: {len(docs)}, {len(starts)}, {len(ends)}")
+        self.docs: tuple[int, ...] = tuple(docs)
+        self.starts: tuple[int, ...] = tuple(starts)
+        self.ends: tuple[int, ...] = tuple(ends)
+        self._hash: int | None = None
+
+    @classmethod
+    def of(cls, segments: Iterable[Segment | Sequence[int]]) -> Segments:
+        """Columns of any iterable of ``(doc, start, end)`` records (a :class:`Segments` is returned as is)."""
+        if isinstance(segments, Segments):
+            return segments
+        rows = list(segments)
+        if not rows:
+            return cls()
+        docs, starts, ends = zip(*rows, strict=True)
+        return cls(docs, starts, ends)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.ends) - sum(self.starts)
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __iter__(self) -> Iterator[Segment]:
+        return map(tuple.__new__, repeat(Segment), zip(self.docs, self.starts, self.ends, strict=True))
+
+    @overload
+    def __getitem__(self, index: int) -> Segment: ...
+    @overload
+    def __getitem__(self, index: slice) -> Segments: ...
+    def __getitem__(self, index: int | slice) -> Segment | Segments:
+        if isinstance(index, slice):
+            return Segments(self.docs[index], self.starts[index], self.ends[index])
+        return Segment(self.docs[index], self.starts[index], self.ends[index])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Segments):
+            return (self.docs, self.starts, self.ends) == (other.docs, other.starts, other.ends)
+        if isinstance(other, (tuple, list)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(tuple(self))  # equal to the hash of the equal tuple of records
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Segments({list(self)!r})"
+
+    def __reduce__(self) -> tuple[type[Segments], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        return (Segments, (self.docs, self.starts, self.ends))
+
+
 class DocSharding(NamedTuple):
     """How one document is sharded and over which ranks."""
 
@@ -159,13 +229,18 @@ class RankPlan:
     """One rank's share of a plan."""
 
     rank: int
-    segments: tuple[Segment, ...]
-    """Owned query segments in local order (sorted by ``(doc, start)``)."""
+    segments: Segments
+    """Owned query segments in local order (sorted by ``(doc, start)``); any sequence of segments
+    given here is stored as :class:`Segments`."""
     cost: RankCost
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.segments, Segments):
+            object.__setattr__(self, "segments", Segments.of(self.segments))
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.segments)
+        return self.segments.num_tokens
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,7 +316,8 @@ class Plan:
             "ranks": [
                 {
                     "rank": rp.rank,
-                    "segments": [s.as_list() for s in rp.segments],
+                    "segments": list(map(list, zip(rp.segments.docs, rp.segments.starts, rp.segments.ends,
+                                                   strict=True))),
                     "tokens": rp.cost.tokens,
                     "linear_ms": rp.cost.linear_ms,
                     "attention_ms": rp.cost.attention_ms,
@@ -298,7 +374,7 @@ class Plan:
             ranks = tuple(
                 RankPlan(
                     rank=int(r["rank"]),
-                    segments=tuple(Segment(doc=int(d), start=int(s), end=int(e)) for d, s, e in r["segments"]),
+                    segments=Segments.of((int(d), int(s), int(e)) for d, s, e in r["segments"]),
                     cost=RankCost(
                         tokens=int(r["tokens"]),
                         linear_ms=float(r["linear_ms"]),
@@ -356,7 +432,7 @@ class Plan:
         return plan
 
 
-def segments_by_rank(segments: Sequence[Sequence[Segment]]) -> tuple[tuple[Segment, ...], ...]:
-    """Sort every rank's segments into canonical local order ``(doc, start)`` (tuple order: segments of one
+def segments_by_rank(segments: Sequence[Sequence[Segment]]) -> tuple[Segments, ...]:
+    """Every rank's segments in canonical local order ``(doc, start)`` (tuple order: segments of one
     rank never share a ``(doc, start)``)."""
-    return tuple(tuple(sorted(rank_segments)) for rank_segments in segments)
+    return tuple(Segments.of(sorted(rank_segments)) for rank_segments in segments)

@@ -48,14 +48,14 @@ import operator
 import random
 from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import compress, filterfalse, groupby, repeat
+from itertools import compress, pairwise, repeat
 from operator import itemgetter
 from typing import ClassVar
 
 import numpy as np
 
 from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
-from flashcp_planner.model import CommMode, DocSharding, Segment, ShardingKind
+from flashcp_planner.model import CommMode, DocSharding, Segment, Segments, ShardingKind
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
 
@@ -648,22 +648,19 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills
     n = ctx.cp_size
     lengths = ctx.doc_lengths
     num_docs = len(lengths)
+    first = np.fromiter(map(itemgetter(0), placement), dtype=np.int64, count=num_docs)
+    whole = np.fromiter(map(itemgetter(1), placement), dtype=np.int64, count=num_docs) == 1
+    whole_docs = np.flatnonzero(whole)
     # Records of every document as if whole, built in C (tuple.__new__ over zipped fields: no keyword
     # constructor per document); the split documents are then patched in.
-    first_ranks = list(map(itemgetter(0), placement))
-    new = tuple.__new__
     rank_tuples = [(r,) for r in range(n)]
-    documents = list(map(new, repeat(DocSharding),
-                         zip(range(num_docs), repeat(ShardingKind.WHOLE), map(rank_tuples.__getitem__, first_ranks))))
-    whole_segments = list(map(new, repeat(Segment), zip(range(num_docs), repeat(0), lengths)))
-    split = list(compress(range(num_docs), map((1).__ne__, map(itemgetter(1), placement))))
-    split_set = set(split)
-    by_rank = sorted(range(num_docs), key=first_ranks.__getitem__)  # stable: documents ascending per rank
-    rank_segments: list[list[Segment]] = [[] for _ in range(n)]
-    for r, docs in groupby(by_rank, key=first_ranks.__getitem__):
-        rank_segments[r] = list(map(whole_segments.__getitem__, filterfalse(split_set.__contains__, docs)))
-    patched: set[int] = set()
-    for d in split:
+    documents = list(map(tuple.__new__, repeat(DocSharding), zip(range(num_docs), repeat(ShardingKind.WHOLE),
+                                                                 map(rank_tuples.__getitem__, first.tolist()))))
+    piece_rank: list[int] = []
+    piece_doc: list[int] = []
+    piece_start: list[int] = []
+    piece_end: list[int] = []
+    for d in np.flatnonzero(~whole).tolist():
         g0, k = placement[d]
         if k == FILL:
             pieces = fills[d]
@@ -673,13 +670,21 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills
             group = range(g0, g0 + k)
             pieces = head_tail_segments(d, lengths[d], group)
             kind = ShardingKind.PER_DOC if k == n else ShardingKind.SUB_GROUP
-        for rank, seg in pieces:
-            rank_segments[rank].append(seg)
-            patched.add(rank)
+        for rank, (doc, start, end) in pieces:
+            piece_rank.append(rank)
+            piece_doc.append(doc)
+            piece_start.append(start)
+            piece_end.append(end)
         documents[d] = sharding_of(d, group, pieces, kind)
-    for rank in patched:
-        rank_segments[rank].sort()
-    return Layout(rank_segments=tuple(map(tuple, rank_segments)), documents=tuple(documents), trusted=True)
+    rank = np.concatenate([first[whole_docs], np.array(piece_rank, dtype=np.int64)])
+    doc = np.concatenate([whole_docs, np.array(piece_doc, dtype=np.int64)])
+    start = np.concatenate([np.zeros(len(whole_docs), dtype=np.int64), np.array(piece_start, dtype=np.int64)])
+    end = np.concatenate([np.asarray(lengths, dtype=np.int64)[whole_docs], np.array(piece_end, dtype=np.int64)])
+    order = np.lexsort((start, doc, rank))  # by rank, then local order (doc, start)
+    bounds = np.searchsorted(rank[order], np.arange(n + 1)).tolist()
+    docs, starts, ends = doc[order].tolist(), start[order].tolist(), end[order].tolist()
+    rank_segments = tuple(Segments(docs[a:b], starts[a:b], ends[a:b]) for a, b in pairwise(bounds))
+    return Layout(rank_segments=rank_segments, documents=tuple(documents), trusted=True)
 
 
 class FlashCPHeuristic:
