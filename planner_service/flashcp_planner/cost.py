@@ -25,8 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 
-import numpy as np
-
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import KVTransfer, RankCost, Segment, Segments
 
@@ -223,16 +221,6 @@ class CostModel:
             if q <= effective_tokens:
                 best = max(best, eff)
         return best
-
-    def max_efficiency_upto_many(self, effective_tokens: Sequence[int]) -> list[float]:
-        """:meth:`max_efficiency_upto` of every element (for bounds over many documents)."""
-        log_q = np.array([math.log2(q) if q > 1 else 0.0 for q in effective_tokens])
-        lq = np.array(self._eff_log_q)
-        ev = np.array(self._eff_val)
-        eff = np.interp(log_q, lq, ev)  # clamps at both ends, like efficiency()
-        reached = np.searchsorted(lq, log_q, side="right")  # curve points at or below each length
-        best_reached = np.concatenate([[0.0], np.maximum.accumulate(ev)])[reached]
-        return np.maximum(eff, best_reached).tolist()
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""
