@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import operator
 import random
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -131,10 +130,10 @@ class PlacementSearch:
         self.comm = comm
         self.ks = group_sizes(self.n, ctx.options.allow_sub_group)
         self.whole_ms = self.cm.whole_attention_ms(self.lengths)
-        lin = self.cm.linear_ms_per_token
-        self.whole_cost = list(map(operator.add, self.whole_ms, map(lin.__mul__, self.lengths)))
+        self.length_array = np.fromiter(self.lengths, dtype=np.int64, count=len(self.lengths))
+        self.whole_cost = (np.array(self.whole_ms) + self.length_array * self.cm.linear_ms_per_token).tolist()
         """Per document, its time kept whole: attention + linear (the LPT key of the whole_doc baseline)."""
-        self.longest_first = np.argsort(-np.asarray(self.lengths, dtype=np.int64), kind="stable").tolist()
+        self.longest_first = np.argsort(-self.length_array, kind="stable").tolist()
         """Documents by decreasing length, ties by index."""
         self.small = len(self.lengths) <= _SMALL_INSTANCE and self.n <= _SMALL_CP
         """Small instances get the exhaustive improvement moves (every group, compound moves)."""
@@ -572,7 +571,7 @@ def _per_doc_lower_bound(search: PlacementSearch) -> float:
     """
     cm = search.cm
     n = search.n
-    lengths = np.asarray(search.lengths, dtype=np.float64)
+    lengths = search.length_array.astype(np.float64)
     longest = np.ceil(lengths / (2 * n))
     log_q = np.log2(np.maximum(np.floor(np.sqrt(2.0 * longest * lengths)), 1.0))
     lq, ev = np.array(cm._eff_log_q), np.array(cm._eff_val)
