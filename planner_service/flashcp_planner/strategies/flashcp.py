@@ -174,7 +174,7 @@ class PlacementSearch:
         whole_on = [(r, 1) for r in range(n)]  # shared placement tuples
         fills: dict[int, list[tuple[int, Segment]]] = {}
         lin = cm.linear_ms_per_token
-        target = (sum(whole_ms) + sum(lengths) * lin) / n
+        target = (math.fsum(whole_ms) + sum(lengths) * lin) / n
         limit = alpha * target
         split_floor = _SPLIT_CANDIDATE * target if alpha and self.ks else float("inf")
         key = [0.0] * n  # the whole_doc baseline's LPT key while placements are whole
