@@ -344,7 +344,7 @@ class PlacementSearch:
             totals = state.totals()
             r = max(range(n), key=lambda x: (totals[x], -x))
             cur = totals[r]
-            if cur - sum(totals) / n <= stop * cur:
+            if cur - math.fsum(totals) / n <= stop * cur:
                 return
             low = sorted(range(n), key=lambda x: (totals[x], x))[:2]
             best_time = cur * (1.0 - 1e-9)
