@@ -337,19 +337,19 @@ class PlacementSearch:
         state, placement, touch = run.state, run.placement, run.touch
         n = self.n
         lengths = self.lengths
-        lin = self.cm.linear_ms_per_token
+        cost = self.whole_cost
         small = self.small
         stop = _STOP_IMBALANCE_SMALL if small else _STOP_IMBALANCE
         for _ in range(2 * n + 32):
             totals = state.totals()
-            r = max(range(n), key=lambda x: (totals[x], -x))
-            cur = totals[r]
+            cur, r = max(zip(totals, range(0, -n, -1), strict=True))  # slowest rank, lowest index on ties
+            r = -r
             if cur - math.fsum(totals) / n <= stop * cur:
                 return
-            low = sorted(range(n), key=lambda x: (totals[x], x))[:2]
+            low = [x for _, x in heapq.nsmallest(2, zip(totals, range(n), strict=True))]
             best_time = cur * (1.0 - 1e-9)
             best_move: tuple[int, Placement, int, Placement] | None = None  # (d, new, e, new_e); e < 0: no swap
-            whole_here = sorted((self.whole_ms[d] + lengths[d] * lin, d) for d in touch[r] if placement[d][1] == 1)
+            whole_here = sorted((cost[d], d) for d in touch[r] if placement[d][1] == 1)
             split_here = sorted((d for d in touch[r] if placement[d][1] >= 2), key=lambda d: (-lengths[d], d))
             # moves of whole documents to a least-loaded rank: try sizes around half the gap
             for s in low:
@@ -363,7 +363,7 @@ class PlacementSearch:
             if best_move is None and whole_here:
                 s = low[0]
                 if s != r:
-                    there = sorted((self.whole_ms[e] + lengths[e] * lin, e) for e in touch[s]
+                    there = sorted((cost[e], e) for e in touch[s]
                                    if placement[e][1] == 1)
                     half_gap = (cur - totals[s]) / 2
                     # Without KV on either rank a swap moving cost c ends at max(cur - c, t_s + c): best
