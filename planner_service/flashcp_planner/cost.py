@@ -298,8 +298,9 @@ def rank_costs_of_traffic(
             zero_ends = list(compress(ends, from_zero))
             local_ms = cost_model.whole_attention_ms(zero_ends)
             prefix = dict(zip(compress(docs, from_zero), zero_ends, strict=True))  # doc -> end of its keys from 0
-            for doc, start, end in compress(zip(docs, starts, ends, strict=True), starts):  # (doc, start) order
-                ms = cost_model.attention_ms(start, end)
+            later = list(compress(zip(docs, starts, ends, strict=True), starts))  # pieces not from token 0
+            later_ms = cost_model.attention_ms_of([(start, end) for _, start, end in later])
+            for (doc, start, end), ms in zip(later, later_ms, strict=True):  # (doc, start) order
                 if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
                     prefix[doc] = end
                     local_ms.append(ms)
