@@ -36,8 +36,10 @@ work is bounded by counts (rounds, candidates per round), never by wall-clock ti
 
 Cost: the greedy is O(D log N) (ranks without room for the current document wait in
 a second heap until the documents get short enough), whole-document moves are scored
-in O(1) (:meth:`LoadState.peek_shift`), and the layout of whole documents is built
-in bulk; the per-document Python work is a few microseconds.
+in O(1) (:meth:`LoadState.peek_shift`), a split over k ranks in O(k) closed form
+(:func:`~flashcp_planner.strategies.shares.head_tail_shares`), rank totals are cached
+between changes, and per-document costs, order, bounds and the final layout are
+computed over arrays; the per-document Python work is one heap step.
 """
 
 from __future__ import annotations
