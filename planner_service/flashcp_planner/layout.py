@@ -35,7 +35,7 @@ class Layout:
     rank_segments: tuple[Sequence[Segment], ...]
     """Per rank, its segments: any order (:func:`build_plan` sorts them), except in a trusted layout
     given as :class:`Segments`, which must already be in local order ``(doc, start)``."""
-    documents: tuple[DocSharding, ...]
+    documents: Sequence[DocSharding]
     """One entry per document, in document order."""
     optimality: Optimality | None = None
     trusted: bool = False

@@ -34,6 +34,7 @@ __all__ = [
     "Segment",
     "Segments",
     "DocSharding",
+    "Shardings",
     "KVTransfer",
     "RankCost",
     "RankPlan",
@@ -183,6 +184,61 @@ class DocSharding(NamedTuple):
     group in chunk order for per-doc/sub-group, sorted for packed."""
 
 
+class Shardings(Sequence[DocSharding]):
+    """Every document's :class:`DocSharding`, stored compactly: one rank per whole document, records
+    only for the split ones. Behaves like the tuple of records it stands for (``len``, indexing,
+    iteration, ``==`` against any sequence); built by strategies that keep most documents whole."""
+
+    __slots__ = ("whole_rank", "split", "_hash")
+
+    def __init__(self, whole_rank: Sequence[int], split: Mapping[int, DocSharding]) -> None:
+        self.whole_rank: tuple[int, ...] = tuple(whole_rank)
+        """Per document, the rank holding it whole, or -1 when it is split (then in ``split``)."""
+        self.split: dict[int, DocSharding] = dict(split)
+        self._hash: int | None = None
+        if any((rank < 0) != (doc in self.split) for doc, rank in enumerate(self.whole_rank)):
+            raise ValueError("every document needs a whole rank or a split record, not both")
+
+    def __len__(self) -> int:
+        return len(self.whole_rank)
+
+    def __iter__(self) -> Iterator[DocSharding]:
+        return map(self._record, range(len(self.whole_rank)))
+
+    def _record(self, doc: int) -> DocSharding:
+        rank = self.whole_rank[doc]
+        if rank < 0:
+            return self.split[doc]
+        return tuple.__new__(DocSharding, (doc, ShardingKind.WHOLE, (rank,)))
+
+    @overload
+    def __getitem__(self, index: int) -> DocSharding: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[DocSharding, ...]: ...
+    def __getitem__(self, index: int | slice) -> DocSharding | tuple[DocSharding, ...]:
+        if isinstance(index, slice):
+            return tuple(map(self._record, range(len(self.whole_rank))[index]))
+        return self._record(range(len(self.whole_rank))[index])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Shardings):
+            return self.whole_rank == other.whole_rank and self.split == other.split
+        if isinstance(other, (tuple, list)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(tuple(self))
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Shardings({list(self)!r})"
+
+    def __reduce__(self) -> tuple[type[Shardings], tuple[tuple[int, ...], dict[int, DocSharding]]]:
+        return (Shardings, (self.whole_rank, self.split))
+
+
 class KVTransfer(NamedTuple):
     """KV of tokens ``[start, end)`` of ``doc`` sent from ``src`` to ``dst`` in forward.
 
@@ -278,7 +334,8 @@ class Plan:
     cost_model: str
     """Name of the cost model the costs were predicted with."""
     ranks: tuple[RankPlan, ...]
-    documents: tuple[DocSharding, ...]
+    documents: Sequence[DocSharding]
+    """One record per document, in document order (a tuple, or the compact :class:`Shardings`)."""
     makespan_ms: float
     """``max(rank.cost.total_ms)``: predicted step time of one layer."""
     lower_bound_ms: float

@@ -114,3 +114,37 @@ def test_bulk_records_keep_their_record_interface():
         assert hash(copy.copy(record)) == hash(record)
         with pytest.raises(AttributeError):
             record.doc = 0
+
+
+def test_compact_plan_records_behave_like_the_tuples_they_replace():
+    import pickle
+
+    from flashcp_planner.model import DocSharding, Segment, Segments, ShardingKind, Shardings
+
+    records = (Segment(3, 0, 10), Segment(5, 4, 9), Segment(7, 0, 2))
+    segments = Segments.of(records)
+    assert segments == records and list(segments) == list(records) and len(segments) == 3
+    assert segments[1] == Segment(5, 4, 9) and segments[-1] == records[-1] and segments[1:] == records[1:]
+    assert hash(segments) == hash(records) and segments.num_tokens == 17
+    assert pickle.loads(pickle.dumps(segments)) == segments and Segments.of([]) == ()
+    assert segments != records[:2] and segments != Segments.of(records[:2])
+    with pytest.raises(ValueError, match="columns"):
+        Segments((1, 2), (0,), (5, 6))
+
+    split = DocSharding(1, ShardingKind.PER_DOC, (0, 1))
+    shardings = Shardings([2, -1, 0], {1: split})
+    expected = (DocSharding(0, ShardingKind.WHOLE, (2,)), split, DocSharding(2, ShardingKind.WHOLE, (0,)))
+    assert shardings == expected and tuple(shardings) == expected and shardings[-1] == expected[-1]
+    assert shardings[:2] == expected[:2] and hash(shardings) == hash(expected) and len(shardings) == 3
+    assert pickle.loads(pickle.dumps(shardings)) == shardings
+    with pytest.raises(ValueError, match="whole rank or a split record"):
+        Shardings([2, -1, 0], {})
+
+
+def test_heuristic_plans_use_the_compact_records_and_round_trip(plans):
+    from flashcp_planner.model import Segments, Shardings
+
+    p = next(x for x in plans if x.strategy == "flashcp")
+    assert isinstance(p.documents, Shardings) and all(isinstance(rp.segments, Segments) for rp in p.ranks)
+    again = Plan.from_dict(json.loads(p.to_json()))
+    assert again == p and again.fingerprint() == p.fingerprint()

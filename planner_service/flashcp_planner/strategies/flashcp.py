@@ -51,14 +51,14 @@ import heapq
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import combinations, compress, pairwise, repeat
+from itertools import combinations, compress, pairwise
 from operator import itemgetter
 from typing import ClassVar
 
 import numpy as np
 
 from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
-from flashcp_planner.model import CommMode, DocSharding, Segment, Segments, ShardingKind
+from flashcp_planner.model import CommMode, DocSharding, Segment, Segments, ShardingKind, Shardings
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
 
@@ -748,11 +748,8 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills
     first = np.fromiter(map(itemgetter(0), placement), dtype=np.int64, count=num_docs)
     whole = np.fromiter(map(itemgetter(1), placement), dtype=np.int64, count=num_docs) == 1
     whole_docs = np.flatnonzero(whole)
-    # Records of every document as if whole, built in C (tuple.__new__ over zipped fields: no keyword
-    # constructor per document); the split documents are then patched in.
-    rank_tuples = [(r,) for r in range(n)]
-    documents = list(map(tuple.__new__, repeat(DocSharding), zip(range(num_docs), repeat(ShardingKind.WHOLE),
-                                                                 map(rank_tuples.__getitem__, first.tolist()))))
+    whole_rank = first.tolist()
+    split: dict[int, DocSharding] = {}
     piece_rank: list[int] = []
     piece_doc: list[int] = []
     piece_start: list[int] = []
@@ -772,7 +769,8 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills
             piece_doc.append(doc)
             piece_start.append(start)
             piece_end.append(end)
-        documents[d] = sharding_of(d, group, pieces, kind)
+        whole_rank[d] = -1
+        split[d] = sharding_of(d, group, pieces, kind)
     rank = np.concatenate([first[whole_docs], np.array(piece_rank, dtype=np.int64)])
     doc = np.concatenate([whole_docs, np.array(piece_doc, dtype=np.int64)])
     start = np.concatenate([np.zeros(len(whole_docs), dtype=np.int64), np.array(piece_start, dtype=np.int64)])
@@ -781,7 +779,7 @@ def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills
     bounds = np.searchsorted(rank[order], np.arange(n + 1)).tolist()
     docs, starts, ends = doc[order].tolist(), start[order].tolist(), end[order].tolist()
     rank_segments = tuple(Segments(docs[a:b], starts[a:b], ends[a:b]) for a, b in pairwise(bounds))
-    return Layout(rank_segments=rank_segments, documents=tuple(documents), trusted=True)
+    return Layout(rank_segments=rank_segments, documents=Shardings(whole_rank, split), trusted=True)
 
 
 class FlashCPHeuristic:
