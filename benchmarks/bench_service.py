@@ -7,6 +7,9 @@ per number of concurrent clients (1, 32): p50 / p99 latency and plans per
 second. The in-process ``flashcp_planner.plan`` time of the same requests is
 the baseline; "overhead" is the p50 difference at 1 client. A last run
 measures sustained throughput of 128-document requests with 32 clients.
+The gRPC goal cells are repeated with ``omit_transfers`` set, as the
+``flashcp_client`` library sends its requests. The load average of the
+machine at the start and the end is recorded (other work skews every figure).
 
 Clients and server share this machine's cores, so client-side work (encoding,
 decoding) is included in every figure. Results: benchmarks/results/service.md.
@@ -92,9 +95,10 @@ def in_process(requests: list[PlanRequest], seconds: float, min_runs: int) -> li
 
 
 async def drive(transport: str, target: str, requests: list[PlanRequest], clients: int, seconds: float,
-                min_runs: int) -> tuple[list[float], float, int]:
-    messages = [codec.request_to_pb(r) for r in requests]
-    bodies = [json.dumps({"micro_batches": [list(mb) for mb in r.micro_batches], "cp_size": r.cp_size}).encode()
+                min_runs: int, *, omit_transfers: bool = False) -> tuple[list[float], float, int]:
+    messages = [codec.request_to_pb(r, omit_transfers=omit_transfers) for r in requests]
+    bodies = [json.dumps({"micro_batches": [list(mb) for mb in r.micro_batches], "cp_size": r.cp_size,
+                          **({"omit_transfers": True} if omit_transfers else {})}).encode()
               for r in requests]
     latencies: list[float] = []
     errors = 0
@@ -165,6 +169,10 @@ def start_server(log_dir: Path) -> tuple[subprocess.Popen, str, str]:
     raise RuntimeError(f"server did not start: {log_path.read_text()}")
 
 
+def _load(avg: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in avg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (about a minute in all)")
@@ -178,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[str] = []
     baseline: dict[tuple[int, int], float] = {}
     cells: list[Cell] = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         process, http_url, grpc_target = start_server(Path(tmp))
         try:
@@ -210,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                 throughput[transport] = (len(latencies) / wall, errors, 1e3 * statistics.median(latencies))
                 print(f"throughput {transport}: 128 docs N=8, 32 clients, {throughput_seconds:.0f} s: "
                       f"{throughput[transport][0]:.0f} plans/s, errors {errors}", flush=True)
+            # The goal cells once more, as flashcp_client asks: plans without transfer lists.
+            goal_requests = make_requests(1024, 8, count=4, seed=1024 * 1000 + 8)
+            latencies, wall, errors = asyncio.run(
+                drive("grpc", grpc_target, goal_requests, 1, seconds, 20, omit_transfers=True))
+            omit_goal = Cell("grpc", 1024, 8, 1, latencies, wall, errors)
+            latencies, wall, errors = asyncio.run(
+                drive("grpc", grpc_target, tput_requests, 32, throughput_seconds, 32, omit_transfers=True))
+            omit_tput = (len(latencies) / wall, errors, 1e3 * statistics.median(latencies))
+            print(f"omit_transfers: grpc docs=1024 N=8 p50 {omit_goal.p50_ms:.2f} ms p99 {omit_goal.p99_ms:.2f} ms; "
+                  f"throughput {omit_tput[0]:.0f} plans/s, errors {omit_goal.errors + omit_tput[1]}", flush=True)
         finally:
             process.terminate()
             process.wait(60)
@@ -230,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"Python {platform.python_version()}, {os.cpu_count()} CPU cores shared by server and clients; "
         f"{seconds:.0f} s per cell (at least 3-20 requests); strategy `flashcp`, one micro-batch per request; "
-        "server access log on (INFO, to a file).",
+        "server access log on (INFO, to a file); requests list the transfers (the default) unless noted. "
+        f"Load average (1/5/15 min) at the start {_load(load_before)}, at the end {_load(os.getloadavg())}.",
         "",
         *rows,
         "",
@@ -240,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         f"(in-process p50 {local_128:.2f} ms):",
         "",
         *(f"- {t}: {v[0]:.0f} plans/s (p50 {v[2]:.2f} ms), errors {v[1]}" for t, v in throughput.items()),
+        f"- grpc, `omit_transfers` (as `flashcp_client` sends): {omit_tput[0]:.0f} plans/s "
+        f"(p50 {omit_tput[2]:.2f} ms), errors {omit_tput[1]}",
+        "",
+        f"gRPC with `omit_transfers`, 1,024 documents at N=8, 1 client: p50 {omit_goal.p50_ms:.2f} ms, "
+        f"p99 {omit_goal.p99_ms:.2f} ms, {omit_goal.plans_per_s:.1f} plans/s, errors {omit_goal.errors}.",
         "",
         f"Goals: gRPC p50 < 2 ms and p99 < 10 ms for 1,024 documents at N=8 (measured: p50 {goal.p50_ms:.2f} ms, "
         f"p99 {goal.p99_ms:.2f} ms; in-process planning alone: {baseline[1024, 8]:.2f} ms); "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -186,7 +187,7 @@ def _request_fields(
     message: pb.PlanRequest | pb.CompareRequest, default_cost_model: CostModel | None
 ) -> dict[str, Any]:
     values: dict[str, Any] = {
-        "micro_batches": [list(mb.doc_lengths) for mb in message.micro_batches],
+        "micro_batches": [mb.doc_lengths[:] for mb in message.micro_batches],  # a slice is a bulk copy
         "cp_size": message.cp_size,
         "cost_model": _cost_model_of(message, default_cost_model),
     }
@@ -280,6 +281,7 @@ _flatten = itertools.chain.from_iterable
 _new_segment = functools.partial(tuple.__new__, Segment)
 _new_transfer = functools.partial(tuple.__new__, KVTransfer)
 _new_doc_sharding = functools.partial(tuple.__new__, DocSharding)
+_doc_of, _kind_of, _ranks_of = (operator.itemgetter(DocSharding._fields.index(f)) for f in ("doc", "kind", "ranks"))
 _SEGMENT_WIDTH = len(Segment._fields)
 _TRANSFER_WIDTH = len(KVTransfer._fields)
 
@@ -321,11 +323,13 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None, *, list_transfers: bool =
             recv_bytes=c.recv_bytes,
             send_bytes=c.send_bytes,
         ).segments.extend(_flatten(rp.segments))
-    if plan.documents:
-        docs, kinds, ranks = zip(*plan.documents, strict=True)
+    documents = plan.documents
+    if documents:
+        # One column at a time (zip(*documents) would hold an iterator per record: GC work).
         shardings = message.documents
-        shardings.docs.extend(docs)
-        shardings.shardings.extend(map(_KIND_TO_PB.__getitem__, kinds))  # str enums hash in C
+        shardings.docs.extend(map(_doc_of, documents))
+        shardings.shardings.extend(map(_KIND_TO_PB.__getitem__, map(_kind_of, documents)))  # str enums hash in C
+        ranks = list(map(_ranks_of, documents))
         shardings.rank_counts.extend(map(len, ranks))
         shardings.ranks.extend(_flatten(ranks))
     if not list_transfers:

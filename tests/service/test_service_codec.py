@@ -135,9 +135,13 @@ def test_comparisons_round_trip() -> None:
 
 def _large_plans() -> list:
     rng = random.Random(11)
+    # A private copy of the preset: planning fills the cost model's memo of document costs, and the shared
+    # preset travels (pickled, memo included) to the search processes of later tests.
+    cost_model = dataclasses.replace(get_preset("h100-llama8b"))
     per_doc = PlanRequest(micro_batches=[[rng.randint(64, 4000) for _ in range(256)]], cp_size=16,
-                          strategy="per_doc", options=PlanOptions(comm=CommMode.EXACT_NEED))
-    wide = PlanRequest(micro_batches=[[rng.randint(1, 30000) for _ in range(16384)]], cp_size=8)
+                          strategy="per_doc", cost_model=cost_model, options=PlanOptions(comm=CommMode.EXACT_NEED))
+    wide = PlanRequest(micro_batches=[[rng.randint(1, 30000) for _ in range(16384)]], cp_size=8,
+                       cost_model=cost_model)
     return [plan(per_doc)[0], plan(wide)[0]]
 
 
