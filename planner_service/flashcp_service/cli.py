@@ -68,6 +68,13 @@ def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # JsonFormatter writes none of the caller, thread or process fields, so every log record
+    # (one per request: the access log) skips collecting them (the logging HOWTO's "Optimization"
+    # switches; about a third of the cost of an access line).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 _GC_GEN0_THRESHOLD = 10_000
