@@ -89,11 +89,13 @@ class EmbeddedSource:
         """Nothing to release."""
 
 
-def request_to_wire(request: PlanRequest) -> dict[str, Any]:
-    """JSON body of ``POST /v1/plan`` for ``request``.
+def request_to_wire(request: PlanRequest, *, omit_transfers: bool = True) -> dict[str, Any]:
+    """JSON body of ``POST /v1/plan`` for ``request``, as :class:`HttpSource` sends it.
 
     The cost model travels as its preset name when it is an unmodified preset,
     else as a JSON cost-model object: the fields that differ from the closest preset, named as ``base``.
+    ``omit_transfers`` (default: yes) asks the service to leave the KV transfer lists out: the
+    client derives them from the segments (:func:`flashcp_planner.kv_transfers`) when it needs them.
     """
     opts = request.options
     body: dict[str, Any] = {
@@ -113,6 +115,8 @@ def request_to_wire(request: PlanRequest) -> dict[str, Any]:
         body["options"]["comm"] = opts.comm.value
     if request.capacity is not None:
         body["capacity"] = request.capacity
+    if omit_transfers:
+        body["omit_transfers"] = True
     return body
 
 
@@ -260,7 +264,7 @@ class HttpSource:
         return httpx.Client(base_url=self.base_url, headers={"accept": "application/json"})
 
     def fetch(self, request: PlanRequest, *, timeout_s: float) -> tuple[Plan, ...]:
-        """POST the request and verify the plans.
+        """POST the request (plans without transfer lists: see :func:`request_to_wire`) and verify the plans.
 
         Raises:
             InvalidRequest, Infeasible: the service rejected the request (4xx).
@@ -320,7 +324,7 @@ class GrpcSource:
         return grpc.insecure_channel(self.target)
 
     def fetch(self, request: PlanRequest, *, timeout_s: float) -> tuple[Plan, ...]:
-        """Call ``Plan`` and verify the plans.
+        """Call ``Plan`` (asking for plans without transfer lists) and verify the plans.
 
         Raises:
             InvalidRequest: ``INVALID_ARGUMENT`` (or ``OUT_OF_RANGE``).
@@ -337,7 +341,8 @@ class GrpcSource:
 
         stub = planner_pb2_grpc.PlannerStub(channel)
         try:
-            reply = stub.Plan(codec.request_to_pb(request), timeout=timeout_s)
+            # The plans come back without transfer lists: kv_transfers() derives them where needed.
+            reply = stub.Plan(codec.request_to_pb(request, omit_transfers=True), timeout=timeout_s)
         except grpc.RpcError as exc:
             error = _error_from_rpc(exc, source=self.name, timeout_s=timeout_s)
             if isinstance(error, ServiceUnavailable):

@@ -7,9 +7,9 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-__all__ = ["REQUEST_ID_HEADER", "JsonFormatter", "RequestRecord", "request_id_from"]
+__all__ = ["REQUEST_ID_HEADER", "JsonFormatter", "LogFields", "RequestRecord", "request_id_from"]
 
 REQUEST_ID_HEADER = "x-request-id"
 """HTTP header and gRPC metadata key carrying the request id (honoured, else generated)."""
@@ -51,12 +51,29 @@ class RequestRecord:
         """Write the access log line (INFO, one JSON object)."""
         if not _access_logger.isEnabledFor(logging.INFO):
             return
-        line = asdict(self)
-        del line["started"]
+        line = LogFields(
+            transport=self.transport,
+            route=self.route,
+            request_id=self.request_id,
+            status=self.status,
+            micro_batches=self.micro_batches,
+            documents=self.documents,
+            strategy=self.strategy,
+        )
+        if self.error:
+            line["error"] = self.error
         line["duration_ms"] = round(self.seconds * 1e3, 3)
-        if not line["error"]:
-            del line["error"]
-        _access_logger.info(json.dumps(line, separators=(",", ":")))
+        _access_logger.info(line)
+
+
+class LogFields(dict):
+    """A log message made of JSON fields: :class:`JsonFormatter` merges them into its object as they are;
+    any other formatter prints them as one JSON object (``str``), so no JSON is built unless asked."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return json.dumps(self, separators=(",", ":"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,15 +87,18 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        message = record.getMessage()
-        try:
-            fields = json.loads(message) if message.startswith("{") else None
-        except ValueError:
-            fields = None
-        if isinstance(fields, dict):
-            out.update(fields)
+        if isinstance(record.msg, LogFields) and not record.args:
+            out.update(record.msg)
         else:
-            out["message"] = message
+            message = record.getMessage()
+            try:
+                fields = json.loads(message) if message.startswith("{") else None
+            except ValueError:
+                fields = None
+            if isinstance(fields, dict):
+                out.update(fields)
+            else:
+                out["message"] = message
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, separators=(",", ":"))

@@ -121,8 +121,10 @@ class PlannerServicer:
         record.strategy = request.strategy
         plans = await self.service.plan(request, time_remaining_s=time_remaining_s)
         response = pb.PlanResponse(request_id=message.request_id or record.request_id, planner_version=planner_version)
+        list_transfers = not message.omit_transfers
         for p in plans:
-            codec.plan_to_pb(p, response.plans.add())  # in place: extend() would deep-copy every plan
+            # In place: extend() would deep-copy every plan.
+            codec.plan_to_pb(p, response.plans.add(), list_transfers=list_transfers)
         return response
 
     async def Plan(self, request: pb.PlanRequest, context: grpc.aio.ServicerContext) -> pb.PlanResponse:
@@ -177,7 +179,7 @@ class PlannerServicer:
         record.strategy = ",".join(strategies or ())
         rows = await self.service.compare(request, strategies, time_remaining_s=time_remaining_s)
         return pb.CompareResponse(
-            comparisons=codec.comparisons_to_pb(rows),
+            comparisons=codec.comparisons_to_pb(rows, list_transfers=not message.omit_transfers),
             request_id=message.request_id or record.request_id,
             planner_version=planner_version,
         )

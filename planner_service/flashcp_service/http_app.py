@@ -10,6 +10,7 @@ the access log line.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashcp_planner import __version__ as planner_version
 from flashcp_planner.errors import InvalidRequest, PlanningError
+from flashcp_planner.model import Plan
 from flashcp_planner.presets import cost_model_to_dict
 from flashcp_planner.strategies import get_strategy
 from flashcp_service.access_log import REQUEST_ID_HEADER, RequestRecord, request_id_from
@@ -205,6 +207,15 @@ def _is_exact(strategy: str) -> bool:
         return False
 
 
+def _plan_dict(plan: Plan, omit_transfers: bool) -> dict[str, Any]:
+    """``plan.to_dict()``, without the ``"transfers"`` key (nor their derivation) when ``omit_transfers``."""
+    if not omit_transfers:
+        return plan.to_dict()
+    out = dataclasses.replace(plan, transfers=()).to_dict()
+    del out["transfers"]
+    return out
+
+
 def _json(data: Any) -> Response:
     return Response(content=json.dumps(data, separators=(",", ":")), media_type="application/json")
 
@@ -274,7 +285,7 @@ def create_app(service: PlannerService) -> Any:
         )
         work = service.plan(body.to_request(service.default_cost_model))
         plans = await (_unless_disconnected(request, work) if _is_exact(body.strategy) else work)
-        return _json({"plans": [p.to_dict() for p in plans]})
+        return _json({"plans": [_plan_dict(p, body.omit_transfers) for p in plans]})
 
     @api.post("/v1/compare", response_model=CompareResponseModel, responses=_ERROR_RESPONSES)
     async def compare(body: CompareBody, request: Request) -> Response:
@@ -289,7 +300,11 @@ def create_app(service: PlannerService) -> Any:
         comparisons = [
             {
                 "results": [
-                    {"strategy": c.strategy, "plan": c.plan.to_dict() if c.plan else None, "error": c.error}
+                    {
+                        "strategy": c.strategy,
+                        "plan": _plan_dict(c.plan, body.omit_transfers) if c.plan else None,
+                        "error": c.error,
+                    }
                     for c in row
                 ]
             }

@@ -104,6 +104,11 @@ class _RequestBody(_Strict):
     capacity_slack: NonNegativeFloat = Field(default=0.25, description="Capacity = ceil(T/N) * (1 + slack).")
     capacity: PositiveInt | None = Field(default=None, description="Absolute per-rank capacity; overrides the slack.")
     options: OptionsBody | None = None
+    omit_transfers: bool = Field(
+        default=False,
+        description="Leave the KV transfer lists out of the plans (no 'transfers' key); callers that derive them "
+        "from the segments (flashcp_planner.kv_transfers) save their derivation and bytes.",
+    )
 
     def _fields(self, default_cost_model: CostModel) -> dict:
         if self.cost_model is None:
@@ -197,8 +202,9 @@ class PlanJSON(BaseModel):
     lower_bound_ms: float
     ranks: list[RankJSON]
     documents: list[DocumentJSON]
-    transfers: list[Annotated[list[int], Field(min_length=5, max_length=5)]] = Field(
-        description="[src, dst, doc, start, end]."
+    transfers: list[Annotated[list[int], Field(min_length=5, max_length=5)]] | None = Field(
+        default=None,
+        description="[src, dst, doc, start, end]; empty for all_gather. Absent when the request set omit_transfers.",
     )
     optimality: OptimalityJSON | None = None
 

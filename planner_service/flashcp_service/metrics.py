@@ -7,6 +7,8 @@ the registry of the service the app wraps, gRPC traffic included.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -60,16 +62,26 @@ class ServiceMetrics:
             "Exact searches refused because every solver slot was busy.",
             registry=self.registry,
         )
+        # Labelled children by label values: ``labels()`` validates and locks on every call.
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._ratio_children: dict[str, Any] = {}
 
     def observe_request(self, *, transport: str, route: str, status: str, seconds: float) -> None:
         """Count one finished request."""
-        self.requests.labels(transport, route, status).inc()
-        self.latency.labels(transport, route, status).observe(seconds)
+        key = (transport, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (self.requests.labels(*key), self.latency.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_plan(self, plan: Plan) -> None:
         """Record the quality of a returned plan and whether its solver timed out."""
         if plan.lower_bound_ms > 0:
-            self.makespan_ratio.labels(plan.strategy).observe(plan.makespan_ms / plan.lower_bound_ms)
+            ratio = self._ratio_children.get(plan.strategy)
+            if ratio is None:
+                ratio = self._ratio_children[plan.strategy] = self.makespan_ratio.labels(plan.strategy)
+            ratio.observe(plan.makespan_ms / plan.lower_bound_ms)
         if plan.optimality is not None and plan.optimality.status != "optimal":
             self.solver_timeouts.inc()
 

@@ -11,7 +11,11 @@ Conventions:
   the HTTP API and the embedded planner would.
 * ``plan_to_pb`` / ``plan_from_pb`` are lossless: for every plan ``p``,
   ``plan_from_pb(plan_to_pb(p)) == p`` and ``plan_pb_to_dict(plan_to_pb(p)) ==
-  p.to_dict()``, floats included (both sides are IEEE doubles).
+  p.to_dict()``, floats included (both sides are IEEE doubles). Segments,
+  document shardings and transfers travel as packed integer lists (see
+  ``planner.proto``). With ``list_transfers=False`` the transfers are left out
+  (``transfers_omitted``): the decoded plan has ``transfers=None`` (derived on
+  use, so it still equals ``p``) and the dict form has no ``"transfers"`` key.
 * Unset ``optional`` request fields take the core defaults; a request cost
   model is a preset name or a (partial) :class:`CostModel` message whose unset
   fields come from the preset named by ``base``.
@@ -20,7 +24,10 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import itertools
+import operator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flashcp.v1 import planner_pb2 as pb
@@ -180,7 +187,7 @@ def _request_fields(
     message: pb.PlanRequest | pb.CompareRequest, default_cost_model: CostModel | None
 ) -> dict[str, Any]:
     values: dict[str, Any] = {
-        "micro_batches": [list(mb.doc_lengths) for mb in message.micro_batches],
+        "micro_batches": [mb.doc_lengths[:] for mb in message.micro_batches],  # a slice is a bulk copy
         "cp_size": message.cp_size,
         "cost_model": _cost_model_of(message, default_cost_model),
     }
@@ -220,7 +227,9 @@ def compare_request_from_pb(
     return PlanRequest(**_request_fields(message, default_cost_model)), strategies
 
 
-def _fill_request(message: pb.PlanRequest | pb.CompareRequest, request: PlanRequest, request_id: str) -> None:
+def _fill_request(
+    message: pb.PlanRequest | pb.CompareRequest, request: PlanRequest, request_id: str, omit_transfers: bool
+) -> None:
     for lengths in request.micro_batches:
         message.micro_batches.add().doc_lengths.extend(lengths)
     message.cp_size = request.cp_size
@@ -231,21 +240,26 @@ def _fill_request(message: pb.PlanRequest | pb.CompareRequest, request: PlanRequ
         message.capacity_slack = request.capacity_slack
     message.options.CopyFrom(options_to_pb(request.options))
     message.request_id = request_id
+    message.omit_transfers = omit_transfers
 
 
-def request_to_pb(request: PlanRequest, *, request_id: str = "") -> pb.PlanRequest:
-    """Encode a request (a cost model equal to its preset travels by name)."""
+def request_to_pb(request: PlanRequest, *, request_id: str = "", omit_transfers: bool = False) -> pb.PlanRequest:
+    """Encode a request (a cost model equal to its preset travels by name).
+
+    ``omit_transfers`` asks the server to leave the KV transfer lists out of the plans
+    (callers that derive them with :func:`flashcp_planner.kv_transfers`).
+    """
     message = pb.PlanRequest(strategy=request.strategy)
-    _fill_request(message, request, request_id)
+    _fill_request(message, request, request_id, omit_transfers)
     return message
 
 
 def compare_request_to_pb(
-    request: PlanRequest, strategies: Sequence[str] | None = None, *, request_id: str = ""
+    request: PlanRequest, strategies: Sequence[str] | None = None, *, request_id: str = "", omit_transfers: bool = False
 ) -> pb.CompareRequest:
     """Encode a compare request; ``request.strategy`` is not sent."""
     message = pb.CompareRequest(strategies=list(strategies or ()))
-    _fill_request(message, request, request_id)
+    _fill_request(message, request, request_id, omit_transfers)
     return message
 
 
@@ -257,7 +271,22 @@ def total_documents(message: pb.PlanRequest | pb.CompareRequest) -> int:
 # ---------------------------------------------------------------- plans
 
 
-def plan_to_pb(plan: Plan, out: pb.Plan | None = None) -> pb.Plan:
+# The bulk of a plan travels as packed repeated int64 fields (see planner.proto): flat
+# lists of fixed-size tuples (segments, transfers) and parallel columns (document
+# shardings). Both directions stay in C loops: ``extend(chain.from_iterable(records))``
+# flattens named tuples, ``zip(it, it, it)`` regroups a flat list, and
+# ``tuple.__new__(Segment, triple)`` builds the very named tuple ``Segment(*triple)``
+# would, without the Python-level ``__new__`` that named tuples define.
+_flatten = itertools.chain.from_iterable
+_new_segment = functools.partial(tuple.__new__, Segment)
+_new_transfer = functools.partial(tuple.__new__, KVTransfer)
+_new_doc_sharding = functools.partial(tuple.__new__, DocSharding)
+_doc_of, _kind_of, _ranks_of = (operator.itemgetter(DocSharding._fields.index(f)) for f in ("doc", "kind", "ranks"))
+_SEGMENT_WIDTH = len(Segment._fields)
+_TRANSFER_WIDTH = len(KVTransfer._fields)
+
+
+def plan_to_pb(plan: Plan, out: pb.Plan | None = None, *, list_transfers: bool = True) -> pb.Plan:
     """Encode a plan; lossless (see module docstring).
 
     Args:
@@ -265,9 +294,11 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None) -> pb.Plan:
         out: an empty message to fill in place (e.g. ``response.plans.add()``),
             which saves the deep copy that ``extend``/``CopyFrom`` would make;
             default: a new message.
+        list_transfers: list the KV transfers (derived with
+            :func:`~flashcp_planner.kv_transfers` when the plan does not list
+            them; never for ``ALL_GATHER``). False leaves them out and sets
+            ``transfers_omitted`` (``PlanRequest.omit_transfers``).
     """
-    # ``repeated.add(**fields)`` is several times faster than building the
-    # sub-messages first and passing lists (upb), and plans can hold 10^4+ segments.
     message = pb.Plan() if out is None else out
     message.version = plan.version
     message.strategy = plan.strategy
@@ -281,7 +312,7 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None) -> pb.Plan:
     add_rank = message.ranks.add
     for rp in plan.ranks:
         c = rp.cost
-        rank = add_rank(
+        add_rank(
             rank=rp.rank,
             tokens=c.tokens,
             linear_ms=c.linear_ms,
@@ -291,17 +322,20 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None) -> pb.Plan:
             total_ms=c.total_ms,
             recv_bytes=c.recv_bytes,
             send_bytes=c.send_bytes,
-        )
-        add_segment = rank.segments.add
-        for s in rp.segments:
-            add_segment(doc=s.doc, start=s.start, end=s.end)
-    add_doc = message.documents.add
-    kinds = _KIND_TO_PB
-    for d in plan.documents:
-        add_doc(doc=d.doc, sharding=kinds[d.kind], ranks=d.ranks)
-    add_transfer = message.transfers.add
-    for t in () if plan.comm is CommMode.ALL_GATHER else kv_transfers(plan):
-        add_transfer(src=t.src, dst=t.dst, doc=t.doc, start=t.start, end=t.end)
+        ).segments.extend(_flatten(rp.segments))
+    documents = plan.documents
+    if documents:
+        # One column at a time (zip(*documents) would hold an iterator per record: GC work).
+        shardings = message.documents
+        shardings.docs.extend(map(_doc_of, documents))
+        shardings.shardings.extend(map(_KIND_TO_PB.__getitem__, map(_kind_of, documents)))  # str enums hash in C
+        ranks = list(map(_ranks_of, documents))
+        shardings.rank_counts.extend(map(len, ranks))
+        shardings.ranks.extend(_flatten(ranks))
+    if not list_transfers:
+        message.transfers_omitted = True
+    elif plan.comm is not CommMode.ALL_GATHER:
+        message.transfers.extend(_flatten(kv_transfers(plan)))
     if plan.optimality is not None:
         o = plan.optimality
         message.optimality.CopyFrom(
@@ -324,8 +358,37 @@ def _comm_of_plan(message: pb.Plan) -> CommMode:
     return comm
 
 
+def _groups(values: list[int], width: int, field: str) -> Iterator[tuple[int, ...]]:
+    """``values`` regrouped into consecutive ``width``-tuples (a C-level iterator)."""
+    if len(values) % width:
+        raise InvalidRequest(field, f"{len(values)} values do not make whole records of {width}")
+    it = iter(values)
+    return zip(*(it,) * width, strict=True)
+
+
+def _rank_segments(message: pb.Plan) -> list[Iterator[tuple[int, ...]]]:
+    return [_groups(r.segments[:], _SEGMENT_WIDTH, f"plan.ranks[{i}].segments") for i, r in enumerate(message.ranks)]
+
+
+def _doc_sharding_columns(message: pb.Plan) -> tuple[list[int], list[int], Iterator[list[int]]]:
+    """``(docs, sharding numbers, per-record rank lists)`` of ``message.documents``, checked for consistency."""
+    d = message.documents
+    docs, shardings, counts, ranks = d.docs[:], d.shardings[:], d.rank_counts[:], d.ranks[:]
+    if not len(docs) == len(shardings) == len(counts):
+        raise InvalidRequest(
+            "plan.documents",
+            f"columns differ in length: {len(docs)} docs, {len(shardings)} shardings, {len(counts)} rank_counts",
+        )
+    if counts and min(counts) < 0:
+        raise InvalidRequest("plan.documents.rank_counts", "negative rank count")
+    if sum(counts) != len(ranks):
+        raise InvalidRequest("plan.documents.ranks", f"{len(ranks)} ranks, but rank_counts add up to {sum(counts)}")
+    it = iter(ranks)
+    return docs, shardings, map(list, map(itertools.islice, itertools.repeat(it), counts))
+
+
 def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
-    """Decode a plan.
+    """Decode a plan. Its ``transfers`` are ``None`` (derived on use) when the message lists none.
 
     Args:
         message: the encoded plan.
@@ -334,8 +397,9 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
             it costs about as much as decoding).
 
     Raises:
-        InvalidRequest: unknown format version or enum value, or (``validate``)
-            a structurally invalid plan.
+        InvalidRequest: unknown format version or enum value, a packed field
+            that does not split into whole records, or (``validate``) a
+            structurally invalid plan.
     """
     from flashcp_planner.model import PLAN_FORMAT_VERSION
 
@@ -346,7 +410,7 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
     ranks = tuple(
         RankPlan(
             rank=r.rank,
-            segments=tuple(Segment(doc=s.doc, start=s.start, end=s.end) for s in r.segments),
+            segments=tuple(map(_new_segment, segments)),
             cost=RankCost(
                 tokens=r.tokens,
                 linear_ms=r.linear_ms,
@@ -357,14 +421,15 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
                 send_bytes=r.send_bytes,
             ),
         )
-        for r in message.ranks
+        for r, segments in zip(message.ranks, _rank_segments(message), strict=True)
     )
+    docs, shardings, rank_lists = _doc_sharding_columns(message)
     try:
-        documents = tuple(
-            DocSharding(doc=d.doc, kind=_KIND_FROM_PB[d.sharding], ranks=tuple(d.ranks)) for d in message.documents
-        )
+        kinds = list(map(_KIND_FROM_PB.__getitem__, shardings))
     except KeyError as exc:
         raise InvalidRequest("plan.documents", f"unknown sharding kind number {exc.args[0]}") from None
+    documents = tuple(map(_new_doc_sharding, zip(docs, kinds, map(tuple, rank_lists), strict=True)))
+    transfers = tuple(map(_new_transfer, _groups(message.transfers[:], _TRANSFER_WIDTH, "plan.transfers")))
     optimality = None
     if message.HasField("optimality"):
         o = message.optimality
@@ -379,15 +444,13 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
     plan = Plan(
         strategy=message.strategy,
         cp_size=message.cp_size,
-        doc_lengths=tuple(message.doc_lengths),
+        doc_lengths=tuple(message.doc_lengths[:]),
         capacity=message.capacity,
         comm=_comm_of_plan(message),
         cost_model=message.cost_model,
         ranks=ranks,
         documents=documents,
-        transfers=tuple(
-            KVTransfer(src=t.src, dst=t.dst, doc=t.doc, start=t.start, end=t.end) for t in message.transfers
-        ) or None,
+        transfers=transfers or None,
         makespan_ms=message.makespan_ms,
         lower_bound_ms=message.lower_bound_ms,
         optimality=optimality,
@@ -401,12 +464,23 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
 
 
 def plan_pb_to_dict(message: pb.Plan, *, include_timing: bool = True) -> dict[str, Any]:
-    """The :meth:`Plan.to_dict` form of an encoded plan, without building a :class:`Plan`."""
+    """The :meth:`Plan.to_dict` form of an encoded plan, without building a :class:`Plan`.
+
+    A plan whose transfers were omitted (``transfers_omitted``) has no ``"transfers"`` key.
+
+    Raises:
+        InvalidRequest: an unknown enum value or a packed field that does not split into whole records.
+    """
+    docs, shardings, rank_lists = _doc_sharding_columns(message)
+    try:
+        kinds = list(map(_KIND_VALUE_FROM_PB.__getitem__, shardings))
+    except KeyError as exc:
+        raise InvalidRequest("plan.documents", f"unknown sharding kind number {exc.args[0]}") from None
     out: dict[str, Any] = {
         "version": message.version,
         "strategy": message.strategy,
         "cp_size": message.cp_size,
-        "doc_lengths": list(message.doc_lengths),
+        "doc_lengths": message.doc_lengths[:],
         "capacity": message.capacity,
         "comm": _comm_of_plan(message).value,
         "cost_model": message.cost_model,
@@ -415,7 +489,7 @@ def plan_pb_to_dict(message: pb.Plan, *, include_timing: bool = True) -> dict[st
         "ranks": [
             {
                 "rank": r.rank,
-                "segments": [[s.doc, s.start, s.end] for s in r.segments],
+                "segments": list(map(list, segments)),
                 "tokens": r.tokens,
                 "linear_ms": r.linear_ms,
                 "attention_ms": r.attention_ms,
@@ -425,14 +499,15 @@ def plan_pb_to_dict(message: pb.Plan, *, include_timing: bool = True) -> dict[st
                 "recv_bytes": r.recv_bytes,
                 "send_bytes": r.send_bytes,
             }
-            for r in message.ranks
+            for r, segments in zip(message.ranks, _rank_segments(message), strict=True)
         ],
         "documents": [
-            {"doc": d.doc, "sharding": _KIND_VALUE_FROM_PB[d.sharding], "ranks": list(d.ranks)}
-            for d in message.documents
+            {"doc": doc, "sharding": kind, "ranks": ranks}
+            for doc, kind, ranks in zip(docs, kinds, rank_lists, strict=True)
         ],
-        "transfers": [[t.src, t.dst, t.doc, t.start, t.end] for t in message.transfers],
     }
+    if not message.transfers_omitted:
+        out["transfers"] = list(map(list, _groups(message.transfers[:], _TRANSFER_WIDTH, "plan.transfers")))
     if message.HasField("optimality"):
         o = message.optimality
         opt = {
@@ -451,15 +526,18 @@ def plan_pb_to_dict(message: pb.Plan, *, include_timing: bool = True) -> dict[st
 # ---------------------------------------------------------------- comparisons
 
 
-def comparisons_to_pb(comparisons: Sequence[Sequence[Comparison]]) -> list[pb.MicroBatchComparison]:
-    """Encode :func:`flashcp_planner.compare` output (one row per micro-batch)."""
+def comparisons_to_pb(
+    comparisons: Sequence[Sequence[Comparison]], *, list_transfers: bool = True
+) -> list[pb.MicroBatchComparison]:
+    """Encode :func:`flashcp_planner.compare` output (one row per micro-batch); ``list_transfers`` as in
+    :func:`plan_to_pb`."""
     rows = []
     for row in comparisons:
         message = pb.MicroBatchComparison()
         for c in row:
             result = message.results.add(strategy=c.strategy, error=c.error)
             if c.plan is not None:
-                plan_to_pb(c.plan, result.plan)
+                plan_to_pb(c.plan, result.plan, list_transfers=list_transfers)
         rows.append(message)
     return rows
 

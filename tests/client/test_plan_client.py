@@ -219,6 +219,25 @@ def test_custom_cost_model_travels_as_an_object(server: ScriptedServer) -> None:
     assert plans == embedded(BATCHES, 2, cost_model=client.cost_model)
 
 
+def test_http_source_asks_for_plans_without_transfer_lists(server: ScriptedServer) -> None:
+    def honour_omit(body: dict[str, Any]) -> tuple[int, bytes]:
+        plans = plan_with_core(body)
+        if body.get("omit_transfers"):
+            for p in plans:
+                del p["transfers"]
+        return ok(plans)
+
+    server.responder = honour_omit
+    client = http_client(server, strategy="per_doc", options=fp.PlanOptions(comm=fp.CommMode.EXACT_NEED))
+    plans = client.plan(BATCHES, cp_size=4)
+    assert server.bodies[0]["omit_transfers"] is True
+    expected = embedded(BATCHES, 4, strategy="per_doc", options=fp.PlanOptions(comm=fp.CommMode.EXACT_NEED))
+    assert plans == expected
+    assert all(p.transfers is None for p in plans)
+    assert [fp.kv_transfers(p) for p in plans] == [fp.kv_transfers(p) for p in expected]
+    assert any(fp.kv_transfers(p) for p in plans)
+
+
 def _wrong_lengths(body: dict[str, Any]) -> tuple[int, bytes]:
     body = dict(body, micro_batches=[[n + 1 for n in mb] for mb in body["micro_batches"]])
     return ok(plan_with_core(body))
@@ -516,7 +535,7 @@ def grpc_reply(mutate: Callable[[list[fp.Plan]], list[fp.Plan]] | None = None) -
         plans = list(fp.plan(codec.request_from_pb(request)))
         if mutate is not None:
             plans = mutate(plans)
-        return pb.PlanResponse(plans=[codec.plan_to_pb(p) for p in plans])
+        return pb.PlanResponse(plans=[codec.plan_to_pb(p, list_transfers=not request.omit_transfers) for p in plans])
 
     return handler
 
@@ -549,6 +568,27 @@ def test_grpc_plans_come_from_the_service(grpc_server: ScriptedGrpcServer) -> No
     client = PlannerClient(grpc_server.address, fallback=False, strategy="per_doc")
     assert client.plan(BATCHES, cp_size=4) == embedded(BATCHES, 4, strategy="per_doc")
     assert client.stats.remote_ok == 1
+
+
+def test_grpc_source_asks_for_plans_without_transfer_lists(grpc_server: ScriptedGrpcServer) -> None:
+    requests = []
+    reply = grpc_reply()
+
+    def recording(request: Any, context: Any) -> Any:
+        requests.append(request)
+        return reply(request, context)
+
+    grpc_server.handler = recording
+    options = fp.PlanOptions(comm=fp.CommMode.EXACT_NEED)
+    plans = PlannerClient(grpc_server.address, fallback=False, strategy="per_doc", options=options).plan(
+        BATCHES, cp_size=4
+    )
+    assert requests[0].omit_transfers
+    expected = embedded(BATCHES, 4, strategy="per_doc", options=options)
+    assert plans == expected
+    assert all(p.transfers is None for p in plans)
+    assert [fp.kv_transfers(p) for p in plans] == [fp.kv_transfers(p) for p in expected]
+    assert any(fp.kv_transfers(p) for p in plans)
 
 
 @pytest.mark.parametrize(

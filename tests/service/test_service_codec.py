@@ -11,6 +11,7 @@ from flashcp import codec
 from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner import STRATEGIES, CommMode, PlanOptions, PlanRequest, compare, get_preset, plan
 from flashcp_planner.errors import InvalidRequest
+from flashcp_planner.model import DocSharding, KVTransfer, Segment
 
 HEURISTICS = [name for name, s in STRATEGIES.items() if not s.is_optimal]
 
@@ -108,12 +109,12 @@ def test_unknown_plan_version_and_enum_are_rejected() -> None:
         codec.plan_from_pb(bad_version)
     bad_kind = pb.Plan()
     bad_kind.CopyFrom(message)
-    bad_kind.documents[0].sharding = 77
+    bad_kind.documents.shardings[0] = 77
     with pytest.raises(InvalidRequest, match="sharding"):
         codec.plan_from_pb(bad_kind)
     tampered = pb.Plan()
     tampered.CopyFrom(message)
-    tampered.ranks[0].segments[0].end += 1
+    tampered.ranks[0].segments[2] += 1  # the first segment's end
     with pytest.raises(InvalidRequest):
         codec.plan_from_pb(tampered)
 
@@ -127,3 +128,116 @@ def test_comparisons_round_trip() -> None:
     compare_message = codec.compare_request_to_pb(request, HEURISTICS)
     assert codec.compare_request_from_pb(compare_message) == (dataclasses.replace(request, strategy="flashcp"),
                                                                tuple(HEURISTICS))
+
+
+# ---------------------------------------------------------------- packed plan encoding
+
+
+def _large_plans() -> list:
+    rng = random.Random(11)
+    # A private copy of the preset: planning fills the cost model's memo of document costs, and the shared
+    # preset travels (pickled, memo included) to the search processes of later tests.
+    cost_model = dataclasses.replace(get_preset("h100-llama8b"))
+    per_doc = PlanRequest(micro_batches=[[rng.randint(64, 4000) for _ in range(256)]], cp_size=16,
+                          strategy="per_doc", cost_model=cost_model, options=PlanOptions(comm=CommMode.EXACT_NEED))
+    wide = PlanRequest(micro_batches=[[rng.randint(1, 30000) for _ in range(16384)]], cp_size=8,
+                       cost_model=cost_model)
+    return [plan(per_doc)[0], plan(wide)[0]]
+
+
+def _flat(records) -> list[int]:
+    return [x for record in records for x in record]
+
+
+@pytest.fixture(scope="module")
+def large_plans() -> list:
+    return _large_plans()
+
+
+def test_large_plans_round_trip_through_packed_fields(large_plans) -> None:
+    from flashcp_planner import kv_transfers
+
+    transfers_heavy, segment_heavy = large_plans
+    assert len(kv_transfers(transfers_heavy)) > 50_000
+    assert sum(len(rp.segments) for rp in segment_heavy.ranks) >= 16384
+    for p in large_plans:
+        message = codec.plan_to_pb(p)
+        # The documented layout: flat triples, parallel sharding columns, flat quintuples.
+        for rank_pb, rp in zip(message.ranks, p.ranks, strict=True):
+            assert list(rank_pb.segments) == _flat(rp.segments)
+        assert list(message.documents.docs) == [d.doc for d in p.documents]
+        assert list(message.documents.rank_counts) == [len(d.ranks) for d in p.documents]
+        assert list(message.documents.ranks) == _flat(d.ranks for d in p.documents)
+        assert list(message.transfers) == _flat(kv_transfers(p))
+        assert not message.transfers_omitted
+        wire = pb.Plan.FromString(message.SerializeToString())
+        decoded = codec.plan_from_pb(wire)
+        assert decoded == p
+        assert decoded.transfers == (kv_transfers(p) or None)
+        assert all(type(s) is Segment for rp in decoded.ranks for s in rp.segments)
+        assert all(type(d) is DocSharding and type(d.ranks) is tuple for d in decoded.documents)
+        assert all(type(t) is KVTransfer for t in decoded.transfers or ())
+        assert decoded.fingerprint() == p.fingerprint()
+        assert codec.plan_pb_to_dict(wire) == p.to_dict()
+
+
+def test_packed_encoding_is_smaller_than_a_message_per_record(large_plans) -> None:
+    p = large_plans[0]
+    records = sum(len(rp.segments) for rp in p.ranks) * 3 + len(p.documents) * 4 + len(p.transfers or ()) * 5
+    # Packed varints: 1-3 bytes per value, no per-record tag or length prefix.
+    assert len(codec.plan_to_pb(p).SerializeToString()) < 3 * records
+
+
+@pytest.mark.parametrize("comm", [CommMode.ALL_GATHER, CommMode.SHARDING_AWARE, CommMode.EXACT_NEED])
+def test_omitted_transfers_decode_as_unlisted(comm: CommMode) -> None:
+    from flashcp_planner import kv_transfers
+
+    request = dataclasses.replace(_request(7, strategy="per_doc"), options=PlanOptions(comm=comm))
+    for p in plan(request):
+        message = pb.Plan.FromString(codec.plan_to_pb(p, list_transfers=False).SerializeToString())
+        assert message.transfers_omitted and len(message.transfers) == 0
+        decoded = codec.plan_from_pb(message)
+        assert decoded.transfers is None
+        assert decoded == p
+        assert kv_transfers(decoded) == kv_transfers(p)  # derived on the receiving side
+        expected = p.to_dict()
+        del expected["transfers"]
+        assert codec.plan_pb_to_dict(message) == expected
+        if comm is not CommMode.ALL_GATHER:
+            assert len(codec.plan_to_pb(p).transfers) == 5 * len(kv_transfers(p)) > 0
+
+
+def test_request_carries_omit_transfers() -> None:
+    request = _request(5)
+    assert not codec.request_to_pb(request).omit_transfers
+    message = pb.PlanRequest.FromString(codec.request_to_pb(request, omit_transfers=True).SerializeToString())
+    assert message.omit_transfers
+    assert codec.request_from_pb(message) == request
+    assert codec.compare_request_to_pb(request, HEURISTICS, omit_transfers=True).omit_transfers
+
+
+def _tamper(message: pb.Plan, edit) -> pb.Plan:
+    copy = pb.Plan()
+    copy.CopyFrom(message)
+    edit(copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.ranks[1].segments.append(4), "plan.ranks[1].segments"),
+        (lambda m: m.transfers.extend([0, 1, 2]), "plan.transfers"),
+        (lambda m: m.documents.docs.append(9), "plan.documents"),
+        (lambda m: m.documents.ranks.append(0), "plan.documents.ranks"),
+        (lambda m: m.documents.rank_counts.__setitem__(0, -1), "plan.documents.rank_counts"),
+        (lambda m: m.documents.shardings.__setitem__(0, 77), "plan.documents"),
+    ],
+)
+def test_malformed_packed_fields_name_the_field(edit, field: str) -> None:
+    request = dataclasses.replace(_request(7, strategy="per_doc"), options=PlanOptions(comm=CommMode.EXACT_NEED))
+    message = _tamper(codec.plan_to_pb(plan(request)[0]), edit)
+    for decode in (lambda m: codec.plan_from_pb(m, validate=False), codec.plan_pb_to_dict):
+        with pytest.raises(InvalidRequest) as info:
+            decode(message)
+        assert info.value.field == field

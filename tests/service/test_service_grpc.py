@@ -7,7 +7,7 @@ import pytest
 
 from flashcp import SERVICE_NAME, codec
 from flashcp.v1 import planner_pb2 as pb
-from flashcp_planner import PRESETS, PlanRequest, plan
+from flashcp_planner import PRESETS, CommMode, PlanOptions, PlanRequest, kv_transfers, plan
 
 LENGTHS = [[100, 2000, 30, 7000], [5, 6]]
 
@@ -38,6 +38,27 @@ def test_grpc_and_http_give_identical_plans(grpc_stub, http_client) -> None:
         assert [codec.plan_pb_to_dict(p) for p in reply.plans] == http.json()["plans"]
     expected = [p.to_dict() for p in plan(PlanRequest(micro_batches=LENGTHS, cp_size=4))]
     assert [codec.plan_pb_to_dict(p) for p in grpc_stub.Plan(_request()).plans] == expected
+
+
+def test_omit_transfers_leaves_them_out_of_every_plan(grpc_stub, http_client) -> None:
+    request = PlanRequest(micro_batches=LENGTHS, cp_size=4, strategy="per_doc",
+                          options=PlanOptions(comm=CommMode.EXACT_NEED))
+    expected = plan(request)
+    assert kv_transfers(expected[0])
+    listed = grpc_stub.Plan(codec.request_to_pb(request)).plans
+    assert [codec.plan_from_pb(p).transfers for p in listed] == [kv_transfers(p) or None for p in expected]
+    assert not any(p.transfers_omitted for p in listed)
+
+    omitted = grpc_stub.Plan(codec.request_to_pb(request, omit_transfers=True)).plans
+    streamed = next(grpc_stub.PlanStream(iter([codec.request_to_pb(request, omit_transfers=True)]))).response.plans
+    compared = grpc_stub.Compare(codec.compare_request_to_pb(request, ["per_doc", "flashcp"], omit_transfers=True))
+    for plans in (omitted, streamed, [r.plan for row in compared.comparisons for r in row.results]):
+        assert all(p.transfers_omitted and len(p.transfers) == 0 for p in plans)
+        assert all(codec.plan_from_pb(p).transfers is None for p in plans)
+    assert [codec.plan_from_pb(p) for p in omitted] == list(expected)
+    http = http_client.post("/v1/plan", json={"micro_batches": LENGTHS, "cp_size": 4, "strategy": "per_doc",
+                                              "options": {"comm": "exact_need"}, "omit_transfers": True})
+    assert [codec.plan_pb_to_dict(p) for p in omitted] == http.json()["plans"]
 
 
 def test_request_id_metadata_is_honoured(grpc_stub) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashcp_planner import PlanRequest, plan
+from flashcp_planner import CommMode, Plan, PlanOptions, PlanRequest, kv_transfers, plan
 
 BODY = {"micro_batches": [[100, 2000, 30, 7000], [5, 6]], "cp_size": 4}
 
@@ -14,6 +14,31 @@ def test_plan_matches_in_process_planning(http_client) -> None:
     assert response.status_code == 200
     expected = [p.to_dict() for p in plan(PlanRequest(micro_batches=BODY["micro_batches"], cp_size=4))]
     assert response.json() == {"plans": expected}
+
+
+def test_omit_transfers_drops_the_transfers_key(http_client) -> None:
+    body = {**BODY, "strategy": "per_doc", "options": {"comm": "exact_need"}}
+    request = PlanRequest(micro_batches=BODY["micro_batches"], cp_size=4, strategy="per_doc",
+                          options=PlanOptions(comm=CommMode.EXACT_NEED))
+    expected = [p.to_dict() for p in plan(request)]
+    assert expected[0]["transfers"]
+    assert http_client.post("/v1/plan", json=body).json() == {"plans": expected}
+
+    omitted = http_client.post("/v1/plan", json={**body, "omit_transfers": True}).json()["plans"]
+    for p in expected:
+        del p["transfers"]
+    assert omitted == expected
+    decoded = [Plan.from_dict(p) for p in omitted]
+    assert all(p.transfers is None for p in decoded)
+    assert [kv_transfers(p) for p in decoded] == [kv_transfers(p) for p in plan(request)]
+
+    compare_body = {**BODY, "options": {"comm": "exact_need"}, "strategies": ["per_doc", "flashcp"]}
+    compared = http_client.post("/v1/compare", json={**compare_body, "omit_transfers": True})
+    assert compared.status_code == 200, compared.text
+    results = [r for row in compared.json()["comparisons"] for r in row["results"]]
+    assert results and all("transfers" not in r["plan"] for r in results)
+    compared_listed = http_client.post("/v1/compare", json=compare_body).json()
+    assert compared_listed["comparisons"][0]["results"][0]["plan"]["transfers"]
 
 
 def test_every_request_field_is_honoured(http_client) -> None:

@@ -104,7 +104,7 @@ class PlanOptions(_message.Message):
     def __init__(self, comm: _Optional[_Union[CommMode, str]] = ..., allow_sub_group: _Optional[bool] = ..., time_limit_s: _Optional[float] = ..., num_workers: _Optional[int] = ..., random_seed: _Optional[int] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("micro_batches", "cp_size", "cost_model_preset", "cost_model_custom", "strategy", "capacity_slack", "capacity", "options", "request_id")
+    __slots__ = ("micro_batches", "cp_size", "cost_model_preset", "cost_model_custom", "strategy", "capacity_slack", "capacity", "options", "request_id", "omit_transfers")
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     CP_SIZE_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class PlanRequest(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OMIT_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     micro_batches: _containers.RepeatedCompositeFieldContainer[MicroBatch]
     cp_size: int
     cost_model_preset: str
@@ -123,10 +124,11 @@ class PlanRequest(_message.Message):
     capacity: int
     options: PlanOptions
     request_id: str
-    def __init__(self, micro_batches: _Optional[_Iterable[_Union[MicroBatch, _Mapping]]] = ..., cp_size: _Optional[int] = ..., cost_model_preset: _Optional[str] = ..., cost_model_custom: _Optional[_Union[CostModel, _Mapping]] = ..., strategy: _Optional[str] = ..., capacity_slack: _Optional[float] = ..., capacity: _Optional[int] = ..., options: _Optional[_Union[PlanOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    omit_transfers: bool
+    def __init__(self, micro_batches: _Optional[_Iterable[_Union[MicroBatch, _Mapping]]] = ..., cp_size: _Optional[int] = ..., cost_model_preset: _Optional[str] = ..., cost_model_custom: _Optional[_Union[CostModel, _Mapping]] = ..., strategy: _Optional[str] = ..., capacity_slack: _Optional[float] = ..., capacity: _Optional[int] = ..., options: _Optional[_Union[PlanOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., omit_transfers: _Optional[bool] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
-    __slots__ = ("micro_batches", "cp_size", "cost_model_preset", "cost_model_custom", "strategies", "capacity_slack", "capacity", "options", "request_id")
+    __slots__ = ("micro_batches", "cp_size", "cost_model_preset", "cost_model_custom", "strategies", "capacity_slack", "capacity", "options", "request_id", "omit_transfers")
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     CP_SIZE_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +138,7 @@ class CompareRequest(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OMIT_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     micro_batches: _containers.RepeatedCompositeFieldContainer[MicroBatch]
     cp_size: int
     cost_model_preset: str
@@ -145,7 +148,8 @@ class CompareRequest(_message.Message):
     capacity: int
     options: PlanOptions
     request_id: str
-    def __init__(self, micro_batches: _Optional[_Iterable[_Union[MicroBatch, _Mapping]]] = ..., cp_size: _Optional[int] = ..., cost_model_preset: _Optional[str] = ..., cost_model_custom: _Optional[_Union[CostModel, _Mapping]] = ..., strategies: _Optional[_Iterable[str]] = ..., capacity_slack: _Optional[float] = ..., capacity: _Optional[int] = ..., options: _Optional[_Union[PlanOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    omit_transfers: bool
+    def __init__(self, micro_batches: _Optional[_Iterable[_Union[MicroBatch, _Mapping]]] = ..., cp_size: _Optional[int] = ..., cost_model_preset: _Optional[str] = ..., cost_model_custom: _Optional[_Union[CostModel, _Mapping]] = ..., strategies: _Optional[_Iterable[str]] = ..., capacity_slack: _Optional[float] = ..., capacity: _Optional[int] = ..., options: _Optional[_Union[PlanOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., omit_transfers: _Optional[bool] = ...) -> None: ...
 
 class ListCostModelsRequest(_message.Message):
     __slots__ = ()
@@ -154,16 +158,6 @@ class ListCostModelsRequest(_message.Message):
 class ListStrategiesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
-
-class Segment(_message.Message):
-    __slots__ = ("doc", "start", "end")
-    DOC_FIELD_NUMBER: _ClassVar[int]
-    START_FIELD_NUMBER: _ClassVar[int]
-    END_FIELD_NUMBER: _ClassVar[int]
-    doc: int
-    start: int
-    end: int
-    def __init__(self, doc: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class RankPlan(_message.Message):
     __slots__ = ("rank", "segments", "tokens", "linear_ms", "attention_ms", "comm_ms", "exposed_comm_ms", "total_ms", "recv_bytes", "send_bytes")
@@ -178,7 +172,7 @@ class RankPlan(_message.Message):
     RECV_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEND_BYTES_FIELD_NUMBER: _ClassVar[int]
     rank: int
-    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    segments: _containers.RepeatedScalarFieldContainer[int]
     tokens: int
     linear_ms: float
     attention_ms: float
@@ -187,31 +181,19 @@ class RankPlan(_message.Message):
     total_ms: float
     recv_bytes: int
     send_bytes: int
-    def __init__(self, rank: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., tokens: _Optional[int] = ..., linear_ms: _Optional[float] = ..., attention_ms: _Optional[float] = ..., comm_ms: _Optional[float] = ..., exposed_comm_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., recv_bytes: _Optional[int] = ..., send_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., segments: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., linear_ms: _Optional[float] = ..., attention_ms: _Optional[float] = ..., comm_ms: _Optional[float] = ..., exposed_comm_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., recv_bytes: _Optional[int] = ..., send_bytes: _Optional[int] = ...) -> None: ...
 
-class DocSharding(_message.Message):
-    __slots__ = ("doc", "sharding", "ranks")
-    DOC_FIELD_NUMBER: _ClassVar[int]
-    SHARDING_FIELD_NUMBER: _ClassVar[int]
+class DocShardings(_message.Message):
+    __slots__ = ("docs", "shardings", "rank_counts", "ranks")
+    DOCS_FIELD_NUMBER: _ClassVar[int]
+    SHARDINGS_FIELD_NUMBER: _ClassVar[int]
+    RANK_COUNTS_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
-    doc: int
-    sharding: ShardingKind
+    docs: _containers.RepeatedScalarFieldContainer[int]
+    shardings: _containers.RepeatedScalarFieldContainer[ShardingKind]
+    rank_counts: _containers.RepeatedScalarFieldContainer[int]
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, doc: _Optional[int] = ..., sharding: _Optional[_Union[ShardingKind, str]] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class KVTransfer(_message.Message):
-    __slots__ = ("src", "dst", "doc", "start", "end")
-    SRC_FIELD_NUMBER: _ClassVar[int]
-    DST_FIELD_NUMBER: _ClassVar[int]
-    DOC_FIELD_NUMBER: _ClassVar[int]
-    START_FIELD_NUMBER: _ClassVar[int]
-    END_FIELD_NUMBER: _ClassVar[int]
-    src: int
-    dst: int
-    doc: int
-    start: int
-    end: int
-    def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ..., doc: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+    def __init__(self, docs: _Optional[_Iterable[int]] = ..., shardings: _Optional[_Iterable[_Union[ShardingKind, str]]] = ..., rank_counts: _Optional[_Iterable[int]] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Optimality(_message.Message):
     __slots__ = ("status", "objective_ms", "bound_ms", "heuristic_ms", "heuristic_gap", "solve_time_s")
@@ -230,7 +212,7 @@ class Optimality(_message.Message):
     def __init__(self, status: _Optional[str] = ..., objective_ms: _Optional[float] = ..., bound_ms: _Optional[float] = ..., heuristic_ms: _Optional[float] = ..., heuristic_gap: _Optional[float] = ..., solve_time_s: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("version", "strategy", "cp_size", "doc_lengths", "capacity", "comm", "cost_model", "makespan_ms", "lower_bound_ms", "ranks", "documents", "transfers", "optimality")
+    __slots__ = ("version", "strategy", "cp_size", "doc_lengths", "capacity", "comm", "cost_model", "makespan_ms", "lower_bound_ms", "ranks", "documents", "transfers", "transfers_omitted", "optimality")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +225,7 @@ class Plan(_message.Message):
     RANKS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     OPTIMALITY_FIELD_NUMBER: _ClassVar[int]
     version: int
     strategy: str
@@ -254,10 +237,11 @@ class Plan(_message.Message):
     makespan_ms: float
     lower_bound_ms: float
     ranks: _containers.RepeatedCompositeFieldContainer[RankPlan]
-    documents: _containers.RepeatedCompositeFieldContainer[DocSharding]
-    transfers: _containers.RepeatedCompositeFieldContainer[KVTransfer]
+    documents: DocShardings
+    transfers: _containers.RepeatedScalarFieldContainer[int]
+    transfers_omitted: bool
     optimality: Optimality
-    def __init__(self, version: _Optional[int] = ..., strategy: _Optional[str] = ..., cp_size: _Optional[int] = ..., doc_lengths: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ..., comm: _Optional[_Union[CommMode, str]] = ..., cost_model: _Optional[str] = ..., makespan_ms: _Optional[float] = ..., lower_bound_ms: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[RankPlan, _Mapping]]] = ..., documents: _Optional[_Iterable[_Union[DocSharding, _Mapping]]] = ..., transfers: _Optional[_Iterable[_Union[KVTransfer, _Mapping]]] = ..., optimality: _Optional[_Union[Optimality, _Mapping]] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., strategy: _Optional[str] = ..., cp_size: _Optional[int] = ..., doc_lengths: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ..., comm: _Optional[_Union[CommMode, str]] = ..., cost_model: _Optional[str] = ..., makespan_ms: _Optional[float] = ..., lower_bound_ms: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[RankPlan, _Mapping]]] = ..., documents: _Optional[_Union[DocShardings, _Mapping]] = ..., transfers: _Optional[_Iterable[int]] = ..., transfers_omitted: _Optional[bool] = ..., optimality: _Optional[_Union[Optimality, _Mapping]] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
     __slots__ = ("plans", "request_id", "planner_version")
