@@ -43,7 +43,9 @@ from flashcp_planner.model import (
     RankCost,
     RankPlan,
     Segment,
+    Segments,
     ShardingKind,
+    Shardings,
 )
 from flashcp_planner.planner import Comparison
 from flashcp_planner.presets import PRESETS, cost_model_from_dict, cost_model_to_dict, get_preset
@@ -322,9 +324,11 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None, *, list_transfers: bool =
             total_ms=c.total_ms,
             recv_bytes=c.recv_bytes,
             send_bytes=c.send_bytes,
-        ).segments.extend(_flatten(rp.segments))
+        ).segments.extend(_flatten(zip(rp.segments.docs, rp.segments.starts, rp.segments.ends, strict=True)))
     documents = plan.documents
-    if documents:
+    if isinstance(documents, Shardings):  # compact form: whole documents as a rank column
+        _fill_compact_shardings(message.documents, documents)
+    elif documents:
         # One column at a time (zip(*documents) would hold an iterator per record: GC work).
         shardings = message.documents
         shardings.docs.extend(map(_doc_of, documents))
@@ -358,6 +362,25 @@ def _comm_of_plan(message: pb.Plan) -> CommMode:
     return comm
 
 
+def _fill_compact_shardings(out: pb.DocShardings, documents: Shardings) -> None:
+    """The columns of ``documents`` without building a record per whole document."""
+    num_docs = len(documents)
+    kinds = [_KIND_TO_PB[ShardingKind.WHOLE]] * num_docs
+    counts = [1] * num_docs
+    ranks: list[int | tuple[int, ...]] = list(documents.whole_rank)
+    for doc, record in documents.split.items():
+        kinds[doc] = _KIND_TO_PB[record.kind]
+        counts[doc] = len(record.ranks)
+        ranks[doc] = record.ranks
+    out.docs.extend(range(num_docs))
+    out.shardings.extend(kinds)
+    out.rank_counts.extend(counts)
+    if documents.split:
+        out.ranks.extend(_flatten((r,) if isinstance(r, int) else r for r in ranks))
+    else:
+        out.ranks.extend(ranks)  # type: ignore[arg-type]
+
+
 def _groups(values: list[int], width: int, field: str) -> Iterator[tuple[int, ...]]:
     """``values`` regrouped into consecutive ``width``-tuples (a C-level iterator)."""
     if len(values) % width:
@@ -368,6 +391,17 @@ def _groups(values: list[int], width: int, field: str) -> Iterator[tuple[int, ..
 
 def _rank_segments(message: pb.Plan) -> list[Iterator[tuple[int, ...]]]:
     return [_groups(r.segments[:], _SEGMENT_WIDTH, f"plan.ranks[{i}].segments") for i, r in enumerate(message.ranks)]
+
+
+def _rank_segment_columns(message: pb.Plan) -> list[Segments]:
+    out = []
+    for i, r in enumerate(message.ranks):
+        flat = r.segments[:]
+        if len(flat) % _SEGMENT_WIDTH:
+            raise InvalidRequest(f"plan.ranks[{i}].segments",
+                                 f"{len(flat)} values do not make whole records of {_SEGMENT_WIDTH}")
+        out.append(Segments(flat[0::3], flat[1::3], flat[2::3]))
+    return out
 
 
 def _doc_sharding_columns(message: pb.Plan) -> tuple[list[int], list[int], Iterator[list[int]]]:
@@ -410,7 +444,7 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
     ranks = tuple(
         RankPlan(
             rank=r.rank,
-            segments=tuple(map(_new_segment, segments)),
+            segments=segments,
             cost=RankCost(
                 tokens=r.tokens,
                 linear_ms=r.linear_ms,
@@ -421,7 +455,7 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
                 send_bytes=r.send_bytes,
             ),
         )
-        for r, segments in zip(message.ranks, _rank_segments(message), strict=True)
+        for r, segments in zip(message.ranks, _rank_segment_columns(message), strict=True)
     )
     docs, shardings, rank_lists = _doc_sharding_columns(message)
     try:
