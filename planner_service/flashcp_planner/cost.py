@@ -22,7 +22,7 @@ import math
 import operator
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import compress
 
 from flashcp_planner.errors import InvalidRequest
@@ -86,6 +86,16 @@ class CostModel:
     _whole_cache: dict[int, float] = field(init=False, repr=False, compare=False, default_factory=dict)
     """Memo of ``attention_ms(0, length)`` (a pure function of the constants): whole documents are scored by
     the strategies and again by the evaluator, and lengths recur across micro-batches."""
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickles the constants only: the memo can be large and is rebuilt on use (solver processes)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_whole_cache", {})
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads", "head_dim",

@@ -89,6 +89,9 @@ class PlanRequest:
                 raise InvalidRequest(f"micro_batches[{i}]", "must be a list of document lengths")
             if not lengths:
                 raise InvalidRequest(f"micro_batches[{i}]", "must contain at least one document")
+            if set(map(type, lengths)) == {int} and min(lengths) >= 1 and max(lengths) <= MAX_DOC_LENGTH:
+                normalised.append(tuple(lengths))  # the common case, checked in C; else find the culprit
+                continue
             for j, length in enumerate(lengths):
                 if isinstance(length, bool) or not isinstance(length, int):
                     raise InvalidRequest(

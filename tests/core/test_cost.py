@@ -172,3 +172,14 @@ def test_constants_that_overflow_the_prediction_are_rejected_by_field():
     with pytest.raises(InvalidRequest) as info:
         plan(PlanRequest(micro_batches=[[4096, 100]], cp_size=2, cost_model=tiny))
     assert info.value.field == "cost_model"
+
+
+def test_pickled_cost_model_carries_constants_not_its_memo():
+    import pickle
+
+    cost_model = dataclasses.replace(get_preset("h100-llama8b"))
+    cost_model.whole_attention_ms(list(range(1, 4000)))
+    copy = pickle.loads(pickle.dumps(cost_model))
+    assert copy == cost_model and not copy._whole_cache
+    assert copy.attention_ms(3, 2500) == cost_model.attention_ms(3, 2500)
+    assert len(pickle.dumps(cost_model)) < 2000

@@ -9,7 +9,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashcp_planner import STRATEGIES, CommMode, Infeasible, PlanOptions, PlanRequest, kv_transfers, plan
+from flashcp_planner import (
+    STRATEGIES,
+    CommMode,
+    Infeasible,
+    InvalidRequest,
+    PlanOptions,
+    PlanRequest,
+    kv_transfers,
+    plan,
+)
 from flashcp_planner.cost import lower_bound_ms
 from flashcp_planner.layout import head_tail_segments
 from flashcp_planner.presets import get_preset
@@ -163,3 +172,11 @@ def test_every_sub_group_is_an_aligned_power_of_two_block():
                 k = len(d.ranks)
                 assert k & (k - 1) == 0 or k == cp_size
                 assert d.ranks[0] % k == 0 and list(d.ranks) == list(range(d.ranks[0], d.ranks[0] + k))
+
+
+def test_request_validation_names_the_document_after_the_bulk_check():
+    for bad, index, message in (([5, 0, 7], 1, ">= 1"), ([5, 2.0, 7], 1, "integer"), ([5, 6, True], 2, "integer"),
+                                ([1 << 40, 5], 0, "<=")):
+        with pytest.raises(InvalidRequest, match=message) as info:
+            PlanRequest(micro_batches=[[3], bad], cp_size=2)
+        assert info.value.field == f"micro_batches[1][{index}]"
