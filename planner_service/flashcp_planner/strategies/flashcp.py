@@ -528,7 +528,7 @@ class PlacementSearch:
         lengths, whole_ms = self.lengths, self.whole_ms
         for d in docs:
             if d not in tables:
-                splits = [((g0, k), shares, sum(share[1] * lin + share[2] for share in shares))
+                splits = [((g0, k), shares, math.fsum(share[1] * lin + share[2] for share in shares))
                           for k in self.ks for g0 in range(0, n, k) for shares in (self.shares(d, g0, k),)]
                 tables[d] = (min([lengths[d] * lin + whole_ms[d], *(split[2] for split in splits)]), splits)
         rest = [0.0] * (len(docs) + 1)  # least work of docs[i:]
@@ -536,7 +536,7 @@ class PlacementSearch:
             rest[i] = rest[i + 1] + tables[docs[i]][0]
         area = n * bound
         totals = state.totals()
-        work = sum(tok) * lin + sum(attn)
+        work = sum(tok) * lin + math.fsum(attn)
 
         def children(i: int) -> list[tuple[Placement, tuple[Share, ...], float]]:
             d = docs[i]
