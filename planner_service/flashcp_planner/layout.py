@@ -22,7 +22,7 @@ from flashcp_planner.model import (
 )
 from flashcp_planner.request import PlanContext
 
-__all__ = ["Layout", "head_tail_segments", "sharding_of", "whole", "build_plan"]
+__all__ = ["Layout", "head_tail_segments", "head_tail_sizes", "sharding_of", "whole", "build_plan"]
 
 _new = tuple.__new__
 """Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
@@ -44,6 +44,20 @@ class Layout:
     :func:`build_plan` then checks only token totals and capacity instead of full coverage."""
 
 
+def head_tail_sizes(doc: int, length: int, k: int) -> tuple[list[int], list[int]]:
+    """Sizes of the head and tail chunk of each of k positions (see :func:`head_tail_segments`)."""
+    base, rem = divmod(length, 2 * k)
+    head = [base] * k
+    tail = [base] * k
+    for i in range(rem):
+        pos = (doc + i) % k
+        if i < k:
+            head[pos] += 1
+        else:
+            tail[pos] += 1
+    return head, tail
+
+
 def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tuple[int, Segment]]:
     """Head-tail split of one document over ``ranks`` (k of them): 2k chunks.
 
@@ -54,16 +68,7 @@ def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tupl
     up on one rank. Empty chunks are omitted. Returns ``(rank, segment)`` pairs
     in document order.
     """
-    k = len(ranks)
-    base, rem = divmod(length, 2 * k)
-    head = [base] * k
-    tail = [base] * k
-    for i in range(rem):
-        pos = (doc + i) % k
-        if i < k:
-            head[pos] += 1
-        else:
-            tail[pos] += 1
+    head, tail = head_tail_sizes(doc, length, len(ranks))
     sizes = head + tail[::-1]
     owners = list(ranks) + list(ranks)[::-1]
     out: list[tuple[int, Segment]] = []

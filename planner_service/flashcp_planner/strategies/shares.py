@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flashcp_planner.cost import CostModel
-from flashcp_planner.layout import head_tail_segments
+from flashcp_planner.layout import head_tail_segments, head_tail_sizes
 from flashcp_planner.model import CommMode, Segment
 
 __all__ = ["Share", "LoadState", "head_tail_shares", "pieces_shares", "whole_share"]
@@ -97,15 +97,7 @@ def head_tail_shares(
     """
     if length < 2 * k or k < 4:  # (tiny groups: the generic path is as fast)
         return pieces_shares(head_tail_segments(doc, length, range(first_rank, first_rank + k)), cost_model, comm)
-    base, rem = divmod(length, 2 * k)
-    head = [base] * k
-    tail = [base] * k
-    for i in range(rem):
-        pos = (doc + i) % k
-        if i < k:
-            head[pos] += 1
-        else:
-            tail[pos] += 1
+    head, tail = head_tail_sizes(doc, length, k)
     bounds = []
     start = 0
     for size in head:
