@@ -277,10 +277,10 @@ def total_documents(message: pb.PlanRequest | pb.CompareRequest) -> int:
 # lists of fixed-size tuples (segments, transfers) and parallel columns (document
 # shardings). Both directions stay in C loops: ``extend(chain.from_iterable(records))``
 # flattens named tuples, ``zip(it, it, it)`` regroups a flat list, and
-# ``tuple.__new__(Segment, triple)`` builds the very named tuple ``Segment(*triple)``
-# would, without the Python-level ``__new__`` that named tuples define.
+# ``tuple.__new__(KVTransfer, record)`` builds the very named tuple ``KVTransfer(*record)``
+# would, without the Python-level ``__new__`` that named tuples define. Segments travel
+# to and from the column form of :class:`Segments` (strided slices of the flat list).
 _flatten = itertools.chain.from_iterable
-_new_segment = functools.partial(tuple.__new__, Segment)
 _new_transfer = functools.partial(tuple.__new__, KVTransfer)
 _new_doc_sharding = functools.partial(tuple.__new__, DocSharding)
 _doc_of, _kind_of, _ranks_of = (operator.itemgetter(DocSharding._fields.index(f)) for f in ("doc", "kind", "ranks"))
