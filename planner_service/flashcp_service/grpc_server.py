@@ -84,6 +84,7 @@ class PlannerServicer:
         request_id = request_id_from(metadata.get(REQUEST_ID_HEADER))
         record = RequestRecord(transport="grpc", route=route, request_id=request_id)
         self.service.metrics.in_flight.inc()
+        finished = False
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, record.request_id),))
             response = await handler(record)
@@ -100,13 +101,20 @@ class PlannerServicer:
             record.status = code.name
             record.error = info.message
             trailing = ((ERROR_FIELD_METADATA, info.field),) if info.field else ()
+            # abort() sends the status before it raises: account for the call first, so a client that
+            # has its answer also finds it in the metrics and the access log.
+            self._finish(route, record)
+            finished = True
             await context.abort(code, info.message, trailing_metadata=trailing)
         finally:
-            self.service.metrics.in_flight.dec()
-            self.service.metrics.observe_request(
-                transport="grpc", route=route, status=record.status, seconds=record.seconds
-            )
-            record.emit()
+            if not finished:
+                self._finish(route, record)
+
+    def _finish(self, route: str, record: RequestRecord) -> None:
+        self.service.metrics.in_flight.dec()
+        self.service.metrics.observe_request(transport="grpc", route=route, status=record.status,
+                                             seconds=record.seconds)
+        record.emit()
 
     async def _plan(self, message: pb.PlanRequest, record: RequestRecord, time_remaining_s: float | None):
         message = _decoded(message)
