@@ -224,14 +224,6 @@ class CostModel:
             cache.update(zip(ordered, self.attention_ms_of([(0, length) for length in ordered]), strict=True))
         return list(map(cache.__getitem__, lengths))
 
-    def max_efficiency_upto(self, effective_tokens: int) -> float:
-        """Largest :meth:`efficiency` over effective lengths ``1..effective_tokens`` (for bounds)."""
-        best = self.efficiency(effective_tokens)
-        for (q, _), eff in zip(self.attention_efficiency, self._eff_val, strict=True):
-            if q <= effective_tokens:
-                best = max(best, eff)
-        return best
-
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""
         return self.attention_ideal_ms_of_pairs(length * (length + 1) // 2)

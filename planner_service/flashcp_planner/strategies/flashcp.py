@@ -358,7 +358,7 @@ class PlacementSearch:
                 if s == r:
                     continue
                 gap = cur - totals[s]
-                for d in self._near(whole_here, gap / 2):
+                for _, d in self._near_items(whole_here, gap / 2):
                     t, fits = state.peek_shift(r, s, lengths[d], self.whole_ms[d])
                     if fits and t < best_time:
                         best_time, best_move = t, (d, (s, 1), -1, (0, 0))
@@ -459,11 +459,6 @@ class PlacementSearch:
         state.add(shares, -1)
         for share in shares:
             touch[share[0]].discard(d)
-
-    @staticmethod
-    def _near(items: list[tuple[float, int]], value: float) -> list[int]:
-        """Documents of the sorted ``(time, doc)`` list whose time is nearest ``value`` (two each side)."""
-        return [d for _, d in PlacementSearch._near_items(items, value)]
 
     @staticmethod
     def _near_items(items: list[tuple[float, int]], value: float) -> list[tuple[float, int]]:
