@@ -5,10 +5,17 @@
 FROM python:3.11-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler for the planner's compiled search engine (Cython, built by setup.py); builder stage only.
+# DL3008: the compiler comes from the base image's Debian release; pinning its exact build would break
+# on every point release of the base image.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY planner_service/ planner_service/
 COPY proto/ proto/
 COPY client/ client/
@@ -17,7 +24,8 @@ COPY kernels/ kernels/
 # DL3013: this installs the local project; its dependency pins live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[server]" \
-    && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+    && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+    && python -c "from flashcp_planner.strategies.flashcp import NATIVE_AVAILABLE; assert NATIVE_AVAILABLE"
 
 FROM python:3.11-slim
 RUN groupadd --system --gid 10001 flashcp \

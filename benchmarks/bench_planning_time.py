@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from flashcp_planner import PlanRequest, plan
+from flashcp_planner.strategies.flashcp import NATIVE_AVAILABLE
 
 RESULTS = Path(__file__).parent / "results" / "planning_time.md"
 _REFERENCE_MS = 10.0
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; reference loop `sum(range(10**6))` = {reference:.1f} ms "
         "(a typical idle desktop core: ~8-12 ms; scale the figures by the ratio).",
+        "",
+        "Search engine: " + ("compiled (`strategies/_engine.pyx`)" if NATIVE_AVAILABLE and os.environ.get(
+            "FLASHCP_NATIVE", "1") != "0" else "Python reference (`FLASHCP_NATIVE=0` or no compiled build)") + ".",
         "",
         "| D \\ N | " + " | ".join(str(n) for n in sizes) + " |",
         "|---|" + "---|" * len(sizes),

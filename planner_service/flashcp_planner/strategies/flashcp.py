@@ -49,8 +49,10 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from bisect import bisect_left
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import compress, pairwise
 from operator import itemgetter
 from typing import ClassVar
@@ -62,8 +64,18 @@ from flashcp_planner.model import CommMode, DocSharding, Segment, Segments, Shar
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
 
-__all__ = ["FILL", "FlashCPHeuristic", "Placement", "PlacementSearch", "group_sizes", "heuristic_placements",
-           "placements_layout"]
+try:  # the compiled twin of greedy / improve / lpt_may_beat (built by setup.py; optional)
+    from flashcp_planner.strategies._engine import Attention, Engine
+except ImportError:  # pragma: no cover - exercised on installs without a C compiler
+    Attention = Engine = None
+
+NATIVE_AVAILABLE = Engine is not None
+"""Whether the compiled search engine is built. ``FLASHCP_NATIVE=0`` in the environment makes the planner
+run the Python reference instead (the same plans, slower)."""
+_NATIVE_DEFAULT = NATIVE_AVAILABLE and os.environ.get("FLASHCP_NATIVE", "1") != "0"
+
+__all__ = ["FILL", "NATIVE_AVAILABLE", "FlashCPHeuristic", "Placement", "PlacementSearch", "group_sizes",
+           "heuristic_placements", "placements_layout", "stable_argsort"]
 
 Placement = tuple[int, int]
 """``(first_rank, k)``: k = 1 whole on ``first_rank``; k >= 2 head-tail over ranks
@@ -94,6 +106,21 @@ _LNS_DOCS = 32
 _LNS_BUDGET = 2000
 """Search nodes of the whole ruin-and-recreate search (each scores every option of one document)."""
 
+def stable_argsort(values: np.ndarray) -> np.ndarray:
+    """``np.argsort(values, kind="stable")`` (ties by index), by unstable sorts of unique keys: several
+    times faster than the stable merge sort on the arrays of large micro-batches."""
+    if len(values) < 2048:
+        return np.argsort(values, kind="stable")
+    order = np.argsort(values)
+    ranked = values[order]
+    distinct = ranked[1:] != ranked[:-1]
+    if distinct.all():
+        return order
+    group = np.empty(len(values), dtype=np.int64)
+    group[order] = np.concatenate(([0], np.cumsum(distinct)))
+    return np.argsort(group * len(values) + np.arange(len(values)))
+
+
 def group_sizes(cp_size: int, allow_sub_group: bool) -> list[int]:
     """Group sizes k >= 2 a document may be split over: powers of two dividing N, and N itself."""
     if cp_size < 2:
@@ -121,9 +148,17 @@ class _Run:
 
 
 class PlacementSearch:
-    """Shares of every placement of one micro-batch (cached) and the greedy / improvement phases over them."""
+    """Shares of every placement of one micro-batch (cached) and the greedy / improvement phases over them.
 
-    def __init__(self, ctx: PlanContext, comm: CommMode) -> None:
+    Args:
+        ctx: the micro-batch and its constants.
+        comm: the communication mode searched (``EXACT_NEED`` or ``SHARDING_AWARE``; ``ALL_GATHER`` is
+            scored exactly but not searched by the compiled engine).
+        native: run greedy / improvement / the LPT check in the compiled engine (the same results) on
+            instances that are not small; None: when built, unless ``FLASHCP_NATIVE=0``.
+    """
+
+    def __init__(self, ctx: PlanContext, comm: CommMode, *, native: bool | None = None) -> None:
         self.ctx = ctx
         self.lengths = ctx.doc_lengths
         self.n = ctx.cp_size
@@ -131,17 +166,42 @@ class PlacementSearch:
         self.capacity = ctx.capacity
         self.comm = comm
         self.ks = group_sizes(self.n, ctx.options.allow_sub_group)
-        self.whole_ms = self.cm.whole_attention_ms(self.lengths)
-        self.length_array = np.fromiter(self.lengths, dtype=np.int64, count=len(self.lengths))
-        self.whole_cost = (np.array(self.whole_ms) + self.length_array * self.cm.linear_ms_per_token).tolist()
-        """Per document, its time kept whole: attention + linear (the LPT key of the whole_doc baseline)."""
-        self.longest_first = np.argsort(-self.length_array, kind="stable").tolist()
-        """Documents by decreasing length, ties by index."""
         self.small = len(self.lengths) <= _SMALL_INSTANCE and self.n <= _SMALL_CP
         """Small instances get the exhaustive improvement moves (every group, compound moves)."""
+        if native is None:
+            native = _NATIVE_DEFAULT
+        if native and not NATIVE_AVAILABLE:
+            raise RuntimeError("the compiled search engine is not built (pip install needs a C compiler)")
+        # The engine runs the moves of instances that are not small, and sums KV bytes in int64 (kept
+        # exact far beyond any real micro-batch).
+        native = native and not self.small and comm is not CommMode.ALL_GATHER and \
+            sum(self.lengths) * self.n * self.cm.kv_bytes_per_token < 1 << 53
+        self.length_array = np.array(self.lengths, dtype=np.int64)
+        if native:
+            self.whole_ms_array = Attention(self.cm).whole_ms(self.length_array)
+        else:
+            self.whole_ms_array = np.array(self.cm.whole_attention_ms(self.lengths))
+        """Per document, its attention time kept whole."""
+        self.whole_cost_array = self.whole_ms_array + self.length_array * self.cm.linear_ms_per_token
+        """Per document, its time kept whole: attention + linear (the LPT key of the whole_doc baseline)."""
+        self.longest_first_array = stable_argsort(-self.length_array)
+        """Documents by decreasing length, ties by index."""
         self._cache: dict[tuple[int, int, int], tuple[Share, ...]] = {}
         gpn = self.cm.gpus_per_node
         self._shift_ok = {k: (k <= gpn and gpn % k == 0) or k % gpn == 0 for k in self.ks}
+        self.engine = Engine(self, stable_argsort(self.whole_cost_array)) if native else None
+
+    @cached_property
+    def whole_ms(self) -> list[float]:
+        return self.whole_ms_array.tolist()
+
+    @cached_property
+    def whole_cost(self) -> list[float]:
+        return self.whole_cost_array.tolist()
+
+    @cached_property
+    def longest_first(self) -> list[int]:
+        return self.longest_first_array.tolist()
 
     # -- shares of one placement --------------------------------------------
 
@@ -168,6 +228,12 @@ class PlacementSearch:
                 per-rank load; 0 gives pure LPT (splits only what fits nowhere whole).
         """
         n, lengths, cm = self.n, self.lengths, self.cm
+        lin = cm.linear_ms_per_token
+        target = (math.fsum(self.whole_ms) + sum(lengths) * lin) / n
+        limit = alpha * target
+        split_floor = _SPLIT_CANDIDATE * target if alpha and self.ks else float("inf")
+        if self.engine is not None:
+            return self.engine.greedy(alpha, limit, split_floor)
         capacity = self.capacity
         whole_ms = self.whole_ms
         state = LoadState(cm, n, self.comm, capacity)
@@ -175,10 +241,6 @@ class PlacementSearch:
         placement: list[Placement] = [(0, 1)] * len(lengths)
         whole_on = [(r, 1) for r in range(n)]  # shared placement tuples
         fills: dict[int, list[tuple[int, Segment]]] = {}
-        lin = cm.linear_ms_per_token
-        target = (math.fsum(whole_ms) + sum(lengths) * lin) / n
-        limit = alpha * target
-        split_floor = _SPLIT_CANDIDATE * target if alpha and self.ks else float("inf")
         key = [0.0] * n  # the whole_doc baseline's LPT key while placements are whole
         heap = [(0.0, r) for r in range(n)]
         heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
@@ -257,6 +319,8 @@ class PlacementSearch:
         """Whether pure LPT (``greedy(alpha=0)``, the whole_doc baseline's placement) might end before
         ``makespan``: its rank keys, without communication, bound its time from below; a document that
         finds no room on the least-loaded rank makes the answer "maybe"."""
+        if self.engine is not None:
+            return self.engine.lpt_may_beat(makespan)
         heap = [(0.0, r) for r in range(self.n)]
         tok = [0] * self.n
         lengths, cost, capacity = self.lengths, self.whole_cost, self.capacity
@@ -336,6 +400,9 @@ class PlacementSearch:
 
     def improve(self, run: _Run) -> None:
         """Phase 2: local search on the slowest rank until no move improves (bounded rounds)."""
+        if self.engine is not None:
+            run.improve(_STOP_IMBALANCE)
+            return
         state, placement, touch = run.state, run.placement, run.touch
         n = self.n
         lengths = self.lengths
@@ -510,6 +577,8 @@ def _per_doc_lower_bound(search: PlacementSearch) -> float:
     """
     cm = search.cm
     n = search.n
+    if search.engine is not None:
+        return Attention(cm).per_doc_lower_bound(search.length_array, n, cm.linear_ms_per_token)
     lengths = search.length_array.astype(np.float64)
     longest = np.ceil(lengths / (2 * n))
     log_q = np.log2(np.maximum(np.floor(np.sqrt(2.0 * longest * lengths)), 1.0))
@@ -527,12 +596,17 @@ Fills = dict[int, list[tuple[int, Segment]]]
 """Pieces ``(rank, segment)`` of the documents cut by the capacity fallback (placement k = 0)."""
 
 
-def heuristic_placements(ctx: PlanContext, comm: CommMode) -> tuple[list[Placement], Fills]:
-    """Run the heuristic; returns per-document placements and the pieces of fill-cut documents."""
+def heuristic_placements(
+    ctx: PlanContext, comm: CommMode, *, native: bool | None = None
+) -> tuple[list[Placement], Fills]:
+    """Run the heuristic; returns per-document placements and the pieces of fill-cut documents.
+
+    ``native``: as for :class:`PlacementSearch` (the compiled engine gives the same placements).
+    """
     from flashcp_planner.strategies.recreate import ruin_recreate  # (it builds on this module)
 
     search_comm = CommMode.SHARDING_AWARE if comm is CommMode.ALL_GATHER else comm
-    search = PlacementSearch(ctx, search_comm)
+    search = PlacementSearch(ctx, search_comm, native=native)
 
     def score(run: _Run) -> float:
         if comm is search_comm:

@@ -1,0 +1,1017 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""Compiled twin of the FlashCP heuristic's greedy and local search (large instances).
+
+:class:`Engine` runs :meth:`PlacementSearch.greedy`, :meth:`PlacementSearch.improve` (the branch of
+instances that are not ``small``) and :meth:`PlacementSearch.lpt_may_beat` of
+:mod:`flashcp_planner.strategies.flashcp` over C arrays, operation for operation: the same candidates
+in the same order, the same floating-point expressions in the same association, the same tie
+breaks. The Python methods stay the reference; tests require identical placements from both.
+
+Shares of split placements come from the reference (``PlacementSearch.shares``, cached there) and are
+copied once into :class:`Block` arrays; whole documents and every heap, sort and sum live here.
+Only the search modes ``EXACT_NEED`` and ``SHARDING_AWARE`` are supported (the heuristic searches
+``ALL_GATHER`` under ``SHARDING_AWARE``).
+"""
+
+from libc.math cimport ceil, fabs, floor, fmax, fmin, log2, sqrt
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memmove
+
+import math
+
+import numpy as np
+
+from flashcp_planner.model import Segment
+from flashcp_planner.strategies.shares import pieces_shares
+
+ctypedef long long i64
+
+# -- small containers ----------------------------------------------------------------------------------
+
+
+# Growable binary min-heap of ``(key, rank)`` pairs, ordered as Python orders the tuples.
+cdef struct Heap:
+    double* key
+    i64* rank
+    Py_ssize_t size
+    Py_ssize_t cap
+
+
+cdef int _heap_init(Heap* h, Py_ssize_t cap) except -1:
+    h.size = 0
+    h.cap = cap
+    h.key = <double*> malloc(cap * sizeof(double))
+    h.rank = <i64*> malloc(cap * sizeof(i64))
+    if h.key == NULL or h.rank == NULL:
+        raise MemoryError()
+    return 0
+
+
+cdef void _heap_free(Heap* h) noexcept:
+    free(h.key)
+    free(h.rank)
+    h.key = NULL
+    h.rank = NULL
+
+
+cdef inline bint _before(double ka, i64 ra, double kb, i64 rb) noexcept nogil:
+    return ka < kb or (ka == kb and ra < rb)
+
+
+cdef void _heap_sift_up(Heap* h, Py_ssize_t i) noexcept nogil:
+    cdef double k = h.key[i]
+    cdef i64 r = h.rank[i]
+    cdef Py_ssize_t parent
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not _before(k, r, h.key[parent], h.rank[parent]):
+            break
+        h.key[i] = h.key[parent]
+        h.rank[i] = h.rank[parent]
+        i = parent
+    h.key[i] = k
+    h.rank[i] = r
+
+
+cdef void _heap_sift_down(Heap* h, Py_ssize_t i) noexcept nogil:
+    cdef double k = h.key[i]
+    cdef i64 r = h.rank[i]
+    cdef Py_ssize_t child
+    while True:
+        child = 2 * i + 1
+        if child >= h.size:
+            break
+        if child + 1 < h.size and _before(h.key[child + 1], h.rank[child + 1], h.key[child], h.rank[child]):
+            child += 1
+        if not _before(h.key[child], h.rank[child], k, r):
+            break
+        h.key[i] = h.key[child]
+        h.rank[i] = h.rank[child]
+        i = child
+    h.key[i] = k
+    h.rank[i] = r
+
+
+cdef int _heap_push(Heap* h, double k, i64 r) except -1:
+    if h.size == h.cap:
+        h.cap = 2 * h.cap + 4
+        h.key = <double*> realloc(h.key, h.cap * sizeof(double))
+        h.rank = <i64*> realloc(h.rank, h.cap * sizeof(i64))
+        if h.key == NULL or h.rank == NULL:
+            raise MemoryError()
+    h.key[h.size] = k
+    h.rank[h.size] = r
+    h.size += 1
+    _heap_sift_up(h, h.size - 1)
+    return 0
+
+
+cdef void _heap_pop(Heap* h) noexcept nogil:
+    h.size -= 1
+    if h.size > 0:
+        h.key[0] = h.key[h.size]
+        h.rank[0] = h.rank[h.size]
+        _heap_sift_down(h, 0)
+
+
+cdef void _heap_replace(Heap* h, double k, i64 r) noexcept nogil:
+    h.key[0] = k
+    h.rank[0] = r
+    _heap_sift_down(h, 0)
+
+
+# Growable sorted array of int64.
+cdef struct IntVec:
+    i64* data
+    Py_ssize_t size
+    Py_ssize_t cap
+
+
+cdef int _vec_insert_sorted(IntVec* v, i64 x) except -1:
+    cdef Py_ssize_t lo = 0, hi = v.size, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if v.data[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    if v.size == v.cap:
+        v.cap = v.cap * 2 + 4
+        v.data = <i64*> realloc(v.data, v.cap * sizeof(i64))
+        if v.data == NULL:
+            raise MemoryError()
+    memmove(&v.data[lo + 1], &v.data[lo], (v.size - lo) * sizeof(i64))
+    v.data[lo] = x
+    v.size += 1
+    return 0
+
+
+cdef void _vec_remove_sorted(IntVec* v, i64 x) noexcept nogil:
+    cdef Py_ssize_t lo = 0, hi = v.size, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if v.data[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < v.size and v.data[lo] == x:
+        memmove(&v.data[lo], &v.data[lo + 1], (v.size - lo - 1) * sizeof(i64))
+        v.size -= 1
+
+
+cdef class Block:
+    """The shares of one placement (``flashcp_planner.strategies.shares.Share`` tuples) as columns."""
+
+    cdef Py_ssize_t m
+    cdef i64* rank
+    cdef i64* tok
+    cdef double* attn
+    cdef double* local
+    cdef i64* ri
+    cdef i64* rx
+    cdef i64* si
+    cdef i64* sx
+
+    def __cinit__(self, Py_ssize_t m):
+        self.m = m
+        self.rank = <i64*> malloc(6 * max(m, 1) * sizeof(i64))
+        self.attn = <double*> malloc(2 * max(m, 1) * sizeof(double))
+        if self.rank == NULL or self.attn == NULL:
+            raise MemoryError()
+        self.tok = self.rank + m
+        self.ri = self.rank + 2 * m
+        self.rx = self.rank + 3 * m
+        self.si = self.rank + 4 * m
+        self.sx = self.rank + 5 * m
+        self.local = self.attn + m
+
+    def __dealloc__(self):
+        free(self.rank)
+        free(self.attn)
+
+
+cdef Block _block_of(tuple shares):
+    cdef Py_ssize_t i, m = len(shares)
+    cdef Block b = Block(m)
+    for i in range(m):
+        share = shares[i]
+        b.rank[i] = share[0]
+        b.tok[i] = share[1]
+        b.attn[i] = share[2]
+        b.local[i] = share[3]
+        b.ri[i] = share[4]
+        b.rx[i] = share[5]
+        b.si[i] = share[6]
+        b.sx[i] = share[7]
+    return b
+
+
+cdef struct Pair:
+    double gap
+    i64 d
+    i64 e
+
+
+cdef inline bint _pair_before(Pair a, Pair b) noexcept nogil:
+    return a.gap < b.gap or (a.gap == b.gap and (a.d < b.d or (a.d == b.d and a.e < b.e)))
+
+
+# -- the cost model's attention time -------------------------------------------------------------------
+
+
+cdef class Attention:
+    """:meth:`CostModel.attention_ms_of` in C: the same floating-point operations, so the same floats."""
+
+    cdef double[::1] lq, ev
+    cdef Py_ssize_t points
+    cdef double heads, head_dim, rate, overhead, bwd
+
+    def __init__(self, cost_model):
+        self.lq = np.asarray(cost_model._eff_log_q, dtype=np.float64)
+        self.ev = np.asarray(cost_model._eff_val, dtype=np.float64)
+        self.points = len(cost_model._eff_val)
+        self.heads = cost_model.num_heads
+        self.head_dim = cost_model.head_dim
+        self.rate = cost_model.attention_tflops * 1e9
+        self.overhead = cost_model.attention_segment_overhead_ms
+        self.bwd = 1.0 + cost_model.attention_backward_ratio
+
+    cdef double ms(self, i64 start, i64 end) noexcept:
+        """Attention of queries ``[start, end)`` (ends up to 2**31: the pair counts stay in int64)."""
+        cdef i64 pairs = (end * (end + 1) - start * (start + 1)) // 2
+        cdef i64 q = _isqrt(2 * pairs)
+        cdef double x = log2(<double> q) if q > 1 else 0.0
+        cdef double eff
+        cdef Py_ssize_t lo, hi, mid
+        if x <= self.lq[0]:
+            eff = self.ev[0]
+        elif x >= self.lq[self.points - 1]:
+            eff = self.ev[self.points - 1]
+        else:
+            lo, hi = 0, self.points  # bisect_right(lq, x)
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if x < self.lq[mid]:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            eff = self.ev[lo - 1] + (x - self.lq[lo - 1]) / (self.lq[lo] - self.lq[lo - 1]) * (self.ev[lo] - self.ev[lo - 1])
+        return (self.overhead + 4.0 * <double> pairs * self.heads * self.head_dim / (self.rate * eff)) * self.bwd
+
+    def whole_ms(self, i64[::1] lengths):
+        """``[attention_ms(0, length) for length in lengths]`` as a float64 array."""
+        cdef Py_ssize_t i
+        out = np.empty(lengths.shape[0], dtype=np.float64)
+        cdef double[::1] view = out
+        for i in range(lengths.shape[0]):
+            view[i] = self.ms(0, lengths[i])
+        return out
+
+
+    def per_doc_lower_bound(self, i64[::1] lengths, i64 n, double linear_ms_per_token):
+        """The bound of ``flashcp.per_doc_lower_bound`` in one pass (sums in another order: the caller's
+        relative margin covers the difference)."""
+        cdef Py_ssize_t i, j
+        cdef double length, longest, x, eff, reached, attention = 0.0, tokens = 0.0
+        for i in range(lengths.shape[0]):
+            length = <double> lengths[i]
+            longest = ceil(length / (2 * n))
+            x = log2(fmax(floor(sqrt(2.0 * longest * length)), 1.0))
+            reached = 0.0  # the best efficiency of the curve points at or below x
+            for j in range(self.points):
+                if self.lq[j] <= x and self.ev[j] > reached:
+                    reached = self.ev[j]
+            if x <= self.lq[0]:
+                eff = self.ev[0]
+            elif x >= self.lq[self.points - 1]:
+                eff = self.ev[self.points - 1]
+            else:
+                j = 1
+                while self.lq[j] < x:
+                    j += 1
+                eff = self.ev[j - 1] + (x - self.lq[j - 1]) * (self.ev[j] - self.ev[j - 1]) / (self.lq[j] - self.lq[j - 1])
+            attention += (fmin(length, 2.0 * n) * self.overhead
+                          + 4.0 * self.heads * self.head_dim * (length * (length + 1) / 2) / (self.rate * fmax(eff, reached)))
+            tokens += length
+        return (attention * self.bwd + tokens * linear_ms_per_token) / n
+
+
+cdef inline i64 _isqrt(i64 value) noexcept:
+    """``math.isqrt`` for 0 <= value < 2**63."""
+    cdef unsigned long long r = <unsigned long long> sqrt(<double> value)
+    cdef unsigned long long v = <unsigned long long> value
+    while r * r > v:
+        r -= 1
+    while (r + 1) * (r + 1) <= v:
+        r += 1
+    return <i64> r
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+
+
+cdef class Engine:
+    """Greedy, local search and the LPT check of one :class:`PlacementSearch`, over C arrays.
+
+    Args:
+        search: the reference search (its documents, cost model, options and cached shares).
+        by_cost: the documents by increasing whole cost, ties by index (``sorted((cost, d))``).
+    """
+
+    cdef object search
+    cdef Py_ssize_t n, num_docs, num_ks
+    cdef i64 capacity, kv
+    cdef double lin, lat_i, lat_x, bw_i, bw_x, ov
+    cdef i64[::1] lengths
+    cdef double[::1] whole_ms, whole_cost
+    cdef i64[::1] longest_first, lf_pos, by_cost, cost_pos
+    cdef i64[::1] ks
+    cdef dict blocks
+    cdef Block whole_a, whole_b
+    cdef readonly list ks_list
+    cdef Attention attention
+    cdef i64 gpn
+    cdef bint exact_need
+
+    def __init__(self, search, by_cost):
+        cm = search.cm
+        comm = search.comm.value
+        if comm not in ("exact_need", "sharding_aware"):
+            raise ValueError(f"the compiled search supports exact_need and sharding_aware, not {comm}")
+        self.search = search
+        self.attention = Attention(cm)
+        self.gpn = cm.gpus_per_node
+        self.exact_need = comm == "exact_need"
+        self.n = search.n
+        self.num_docs = len(search.lengths)
+        self.capacity = search.capacity
+        self.kv = cm.kv_bytes_per_token
+        self.lin = cm.linear_ms_per_token
+        self.lat_i = cm.intra_node_latency_ms
+        self.lat_x = cm.inter_node_latency_ms
+        self.bw_i = cm.intra_node_gbps * 1e6
+        self.bw_x = cm.inter_node_gbps * 1e6
+        self.ov = cm.overlap_fraction
+        self.lengths = search.length_array
+        self.whole_ms = search.whole_ms_array
+        self.whole_cost = search.whole_cost_array
+        positions = np.arange(self.num_docs, dtype=np.int64)
+        longest_first = search.longest_first_array
+        self.longest_first = longest_first
+        lf_pos = np.empty_like(positions)
+        lf_pos[longest_first] = positions
+        self.lf_pos = lf_pos
+        self.by_cost = by_cost
+        cost_pos = np.empty_like(positions)
+        cost_pos[by_cost] = positions
+        self.cost_pos = cost_pos
+        self.ks_list = list(search.ks)
+        self.ks = np.asarray(self.ks_list, dtype=np.int64)
+        self.num_ks = len(self.ks_list)
+        self.blocks = {}
+        self.whole_a = Block(1)
+        self.whole_b = Block(1)
+
+    # -- shares ------------------------------------------------------------------------------------------
+
+    cdef Block _shares(self, i64 d, i64 g0, i64 k, Block whole):
+        """Shares of placement ``(g0, k)`` of ``d`` (k >= 1); whole placements fill ``whole``."""
+        if k == 1:
+            whole.rank[0] = g0
+            whole.tok[0] = self.lengths[d]
+            whole.attn[0] = self.whole_ms[d]
+            whole.local[0] = self.whole_ms[d]
+            whole.ri[0] = 0
+            whole.rx[0] = 0
+            whole.si[0] = 0
+            whole.sx[0] = 0
+            return whole
+        key = (d, g0, k)
+        block = self.blocks.get(key)
+        if block is None:
+            if k >= 4 and self.lengths[d] >= 2 * k:
+                block = self._head_tail(d, g0, k)
+            else:  # tiny groups or chunks: the reference's generic path
+                block = _block_of(self.search.shares(d, g0, k))
+            self.blocks[key] = block
+        return <Block> block
+
+    cdef Block _head_tail(self, i64 d, i64 g0, i64 k):
+        """:func:`~flashcp_planner.strategies.shares.head_tail_shares`, closed form (k >= 4, length >= 2k)."""
+        cdef Block b = Block(k)
+        cdef i64 length = self.lengths[d]
+        cdef i64 base = length // (2 * k), rem = length % (2 * k)
+        cdef i64 p, i, start, first_node = g0 // self.gpn, nd, m, same, total = 0, heads_total = 0
+        cdef i64* head = <i64*> malloc(8 * (k + 1) * sizeof(i64))
+        cdef i64* tail = head + (k + 1)
+        cdef i64* node = head + 2 * (k + 1)  # node of each position, counted from the group's first node
+        cdef i64* per_node = head + 3 * (k + 1)  # exact need: heads per node; sharding aware: tokens per node
+        cdef i64* node_size = head + 4 * (k + 1)
+        cdef i64* running = head + 5 * (k + 1)  # per node: tails of positions >= p, then positions <= p
+        cdef i64* tails_from = head + 6 * (k + 1)  # tails of positions >= p
+        cdef i64* node_tails_from = head + 7 * (k + 1)  # the same within p's node
+        cdef double* head_ms = <double*> malloc(k * sizeof(double))
+        assert k >= 4 and length >= 2 * k
+        if head == NULL or head_ms == NULL:
+            free(head)
+            free(head_ms)
+            raise MemoryError()
+        try:
+            for p in range(k):
+                head[p] = base
+                tail[p] = base
+                node[p] = (g0 + p) // self.gpn - first_node
+                per_node[p] = 0
+                node_size[p] = 0
+                running[p] = 0
+            for i in range(rem):
+                p = (d + i) % k
+                if i < k:
+                    head[p] += 1
+                else:
+                    tail[p] += 1
+            start = 0
+            for p in range(k):
+                head_ms[p] = self.attention.ms(start, start + head[p])
+                start += head[p]
+            for p in range(k - 1, -1, -1):
+                b.attn[p] = 0.0 + head_ms[p] + self.attention.ms(start, start + tail[p])
+                start += tail[p]
+            for p in range(k):
+                b.rank[p] = g0 + p
+                b.tok[p] = head[p] + tail[p]
+                b.local[p] = 0.0
+                node_size[node[p]] += 1
+            b.local[0] = 0.0 + head_ms[0]  # only head chunk 0 reads no remote key
+            if self.exact_need:
+                for p in range(k):
+                    per_node[node[p]] += head[p]
+                    heads_total += head[p]
+                tails_from[k] = 0
+                for p in range(k - 1, -1, -1):
+                    tails_from[p] = tails_from[p + 1] + tail[p]
+                    running[node[p]] += tail[p]
+                    node_tails_from[p] = running[node[p]]
+                for p in range(k):
+                    running[p] = 0
+                for p in range(k):
+                    nd = node[p]
+                    running[nd] += 1
+                    same = per_node[nd] + node_tails_from[p]
+                    m = node_size[nd]
+                    b.ri[p] = same - b.tok[p]
+                    b.rx[p] = heads_total + tails_from[p] - same
+                    b.si[p] = head[p] * (m - 1) + tail[p] * (running[nd] - 1)
+                    b.sx[p] = head[p] * (k - m) + tail[p] * (p + 1 - running[nd])
+            else:
+                for p in range(k):
+                    per_node[node[p]] += b.tok[p]
+                    total += b.tok[p]
+                for p in range(k):
+                    nd = node[p]
+                    b.ri[p] = per_node[nd] - b.tok[p]
+                    b.rx[p] = total - per_node[nd]
+                    b.si[p] = b.tok[p] * (node_size[nd] - 1)
+                    b.sx[p] = b.tok[p] * (k - node_size[nd])
+        finally:
+            free(head)
+            free(head_ms)
+        return b
+
+    def shares(self, i64 d, i64 g0, i64 k):
+        """The shares of placement ``(g0, k)`` (k >= 1) of ``d`` as the engine scores them: tuples like
+        ``PlacementSearch.shares`` (for tests)."""
+        cdef Block b = self._shares(d, g0, k, Block(1))
+        return tuple((b.rank[i], b.tok[i], b.attn[i], b.local[i], b.ri[i], b.rx[i], b.si[i], b.sx[i])
+                     for i in range(b.m))
+
+    def lpt_may_beat(self, double makespan):
+        """:meth:`PlacementSearch.lpt_may_beat`."""
+        cdef Heap heap
+        cdef Py_ssize_t i, r
+        cdef i64 d
+        cdef double worst
+        cdef i64[::1] tok = np.zeros(self.n, dtype=np.int64)
+        _heap_init(&heap, self.n + 1)
+        try:
+            for r in range(self.n):
+                _heap_push(&heap, 0.0, r)
+            for i in range(self.num_docs):
+                d = self.longest_first[i]
+                r = heap.rank[0]
+                tok[r] += self.lengths[d]
+                if tok[r] > self.capacity:
+                    return True
+                _heap_replace(&heap, heap.key[0] + self.whole_cost[d], r)
+            worst = heap.key[0]
+            for i in range(heap.size):
+                if heap.key[i] > worst:
+                    worst = heap.key[i]
+            return worst <= makespan * (1.0 + 1e-9)
+        finally:
+            _heap_free(&heap)
+
+    def greedy(self, double alpha, double limit, double split_floor):
+        """:meth:`PlacementSearch.greedy` with its split limit and split floor (computed there).
+        Returns a :class:`Run`."""
+        cdef Run run = Run(self)
+        cdef Py_ssize_t n = self.n, i, j
+        cdef i64 d, r, cand, length, rank
+        cdef double t, w
+        cdef double lin = self.lin
+        cdef i64 capacity = self.capacity
+        cdef bint deviated = False, split_any = False
+        cdef double[::1] key = np.zeros(n, dtype=np.float64)
+        cdef Heap heap, blocked
+        cdef Block shares
+        _heap_init(&heap, 2 * n + 4)
+        _heap_init(&blocked, n + 4)
+        try:
+            for r in range(n):
+                _heap_push(&heap, 0.0, r)
+            for i in range(self.num_docs):
+                d = self.longest_first[i]
+                length = self.lengths[d]
+                if heap.size:
+                    t = heap.key[0]
+                    r = heap.rank[0]
+                    if (t == key[r] and run.tok[r] + length <= capacity and self.whole_cost[d] < split_floor
+                            and blocked.size == 0):
+                        run.place_whole(d, r)
+                        key[r] = t + self.whole_cost[d]
+                        _heap_replace(&heap, key[r], r)
+                        continue
+                w = self.whole_ms[d]
+                while blocked.size and -blocked.key[0] >= length:
+                    r = blocked.rank[0]
+                    _heap_pop(&blocked)
+                    _heap_push(&heap, key[r], r)
+                r = -1
+                while heap.size:
+                    t = heap.key[0]
+                    cand = heap.rank[0]
+                    if t != key[cand]:
+                        _heap_pop(&heap)
+                    elif run.tok[cand] + length <= capacity:
+                        r = cand
+                        break
+                    else:
+                        _heap_pop(&heap)
+                        _heap_push(&blocked, <double> (run.tok[cand] - capacity), cand)
+                if r >= 0 and w + length * lin < split_floor:
+                    run.place_whole(d, r)
+                    key[r] += w + length * lin
+                    _heap_replace(&heap, key[r], r)
+                    continue
+                choice = self._choose(run, d, r, limit, alpha)
+                if choice is None or choice[1] != 1:
+                    split_any = True
+                    deviated = deviated or r >= 0
+                if choice is None:
+                    pieces = self._fill_pieces(run, d)
+                    run.fills[d] = pieces
+                    shares = _block_of(pieces_shares(pieces, self.search.cm, self.search.comm))
+                    run.fill_blocks[d] = shares
+                    run.g0[d] = 0
+                    run.k[d] = 0
+                else:
+                    shares = self._shares(d, choice[0], choice[1], self.whole_a)
+                    run.g0[d] = choice[0]
+                    run.k[d] = choice[1]
+                run.add(shares, 1)
+                for j in range(shares.m):
+                    rank = shares.rank[j]
+                    if run.k[d] == 1:
+                        key[rank] = key[rank] + w + length * lin
+                    else:
+                        key[rank] = run.total(rank)
+                    _heap_push(&heap, key[rank], rank)
+        finally:
+            _heap_free(&heap)
+            _heap_free(&blocked)
+        run.deviated = deviated
+        run.split = split_any
+        run.index_ranks()
+        return run
+
+    cdef object _choose(self, Run run, i64 d, i64 r, double limit, double alpha):
+        """:meth:`PlacementSearch._choose`: ``(g0, k)`` or None."""
+        cdef double t, inc, fits_t
+        cdef bint fits
+        cdef Py_ssize_t ki, g0, b, nblocks
+        cdef i64 k
+        cdef list candidates = []
+        cdef Block shares
+        if r >= 0:
+            t, inc, fits = run.peek_add(self._shares(d, r, 1, self.whole_a), True, None)
+            if t <= limit or not self.num_ks:
+                return (r, 1)
+            candidates.append(((r, 1), t, inc))
+        totals = run.totals()
+        for ki in range(self.num_ks):
+            k = self.ks[ki]
+            blocks = sorted([(max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k)])
+            for b in range(min(2, len(blocks))):
+                g0 = blocks[b][1]
+                t, inc, fits = run.peek_add(self._shares(d, g0, k, self.whole_a), True, totals)
+                if fits:
+                    candidates.append(((g0, k), t, inc))
+        if not candidates:
+            return None
+        within = [c for c in candidates if c[1] <= limit]
+        if not within:
+            soonest = min(c[1] for c in candidates)
+            within = [c for c in candidates if c[1] <= soonest * max(alpha, 1.0)]
+        return min(within, key=lambda c: (c[2], c[1]))[0]
+
+    cdef list _fill_pieces(self, Run run, i64 d):
+        """:meth:`PlacementSearch._fill_pieces`."""
+        cdef i64 start = 0, end, room, length = self.lengths[d]
+        pieces = []
+        totals = run.totals()
+        for r in sorted(range(self.n), key=lambda x: (totals[x], x)):
+            room = self.capacity - run.tok[r]
+            if room <= 0:
+                continue
+            end = min(length, start + room)
+            pieces.append((r, Segment(doc=d, start=start, end=end)))
+            start = end
+            if start == length:
+                break
+        assert start == length, "total capacity checked by PlanRequest.contexts"
+        return pieces
+
+
+cdef class Run:
+    """One greedy run refined by :meth:`improve`: per-rank sums, placements and rank membership."""
+
+    cdef Engine eng
+    cdef Py_ssize_t n
+    cdef i64[::1] tok, ri, rx, si, sx
+    cdef double[::1] attn, local
+    cdef i64[::1] g0, k
+    cdef readonly dict fills
+    cdef dict fill_blocks
+    cdef public bint deviated, split
+    cdef IntVec* whole_on  # per rank, cost_pos of its whole documents (the reference's sorted((cost, d)))
+    cdef IntVec* split_on  # per rank, lf_pos of the split documents with tokens on it (by (-length, d))
+    cdef i64* scratch
+
+    def __cinit__(self, Engine eng):
+        cdef Py_ssize_t n = eng.n
+        self.eng = eng
+        self.n = n
+        self.tok = np.zeros(n, dtype=np.int64)
+        self.ri = np.zeros(n, dtype=np.int64)
+        self.rx = np.zeros(n, dtype=np.int64)
+        self.si = np.zeros(n, dtype=np.int64)
+        self.sx = np.zeros(n, dtype=np.int64)
+        self.attn = np.zeros(n, dtype=np.float64)
+        self.local = np.zeros(n, dtype=np.float64)
+        self.g0 = np.zeros(eng.num_docs, dtype=np.int64)
+        self.k = np.ones(eng.num_docs, dtype=np.int64)
+        self.fills = {}
+        self.fill_blocks = {}
+        self.whole_on = <IntVec*> malloc(n * sizeof(IntVec))
+        self.split_on = <IntVec*> malloc(n * sizeof(IntVec))
+        self.scratch = <i64*> malloc(n * sizeof(i64))
+        if self.whole_on == NULL or self.split_on == NULL or self.scratch == NULL:
+            raise MemoryError()
+        for r in range(n):
+            self.whole_on[r].data = NULL
+            self.whole_on[r].size = self.whole_on[r].cap = 0
+            self.split_on[r].data = NULL
+            self.split_on[r].size = self.split_on[r].cap = 0
+            self.scratch[r] = -1
+
+    def __dealloc__(self):
+        if self.whole_on != NULL:
+            for r in range(self.n):
+                free(self.whole_on[r].data)
+                free(self.split_on[r].data)
+        free(self.whole_on)
+        free(self.split_on)
+        free(self.scratch)
+
+    # -- the reference's _Run / LoadState interface ---------------------------------------------------------
+
+    @property
+    def placement(self):
+        """Per document ``(first_rank, k)``, as the reference's ``_Run.placement`` (a new list)."""
+        cdef Py_ssize_t d
+        cdef list whole_on = [(r, 1) for r in range(self.n)]
+        cdef list out = [None] * self.eng.num_docs
+        for d in range(self.eng.num_docs):
+            out[d] = whole_on[self.g0[d]] if self.k[d] == 1 else (self.g0[d], self.k[d])
+        return out
+
+    @property
+    def state(self):
+        return self
+
+    def totals(self):
+        """Every rank's predicted time (a new list)."""
+        return [self.total(r) for r in range(self.n)]
+
+    # -- sums ---------------------------------------------------------------------------------------------
+
+    cdef double time(self, i64 tok, double attn, double local, i64 ri, i64 rx, i64 si, i64 sx) noexcept:
+        """:meth:`LoadState.time` (not ALL_GATHER), the same floating-point operations."""
+        cdef Engine e = self.eng
+        cdef double comm = 0.0, recv, exposed
+        if ri:
+            comm += e.lat_i + <double> (ri * e.kv) / e.bw_i
+        if rx:
+            comm += e.lat_x + <double> (rx * e.kv) / e.bw_x
+        recv = comm
+        comm = 0.0
+        if si:
+            comm += e.lat_i + <double> (si * e.kv) / e.bw_i
+        if sx:
+            comm += e.lat_x + <double> (sx * e.kv) / e.bw_x
+        exposed = recv + comm - e.ov * local
+        if exposed < 0.0:
+            exposed = 0.0
+        return tok * e.lin + attn + exposed
+
+    cdef double total(self, i64 r) noexcept:
+        return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r])
+
+    cdef void add(self, Block b, i64 sign) noexcept:
+        cdef Py_ssize_t i
+        cdef i64 r
+        for i in range(b.m):
+            r = b.rank[i]
+            self.tok[r] += sign * b.tok[i]
+            self.attn[r] += sign * b.attn[i]
+            self.local[r] += sign * b.local[i]
+            self.ri[r] += sign * b.ri[i]
+            self.rx[r] += sign * b.rx[i]
+            self.si[r] += sign * b.si[i]
+            self.sx[r] += sign * b.sx[i]
+
+    cdef void place_whole(self, i64 d, i64 r) noexcept:
+        """The greedy's fast path: ``d`` whole on ``r`` (``LoadState.add`` inlined there too)."""
+        cdef double w = self.eng.whole_ms[d]
+        self.tok[r] += self.eng.lengths[d]
+        self.attn[r] += w
+        self.local[r] += w
+        self.g0[d] = r
+        self.k[d] = 1
+
+    cdef tuple peek_add(self, Block b, bint increase, list totals):
+        """:meth:`LoadState._peek_add`: ``(max time of the touched ranks, summed increase, fits)``."""
+        cdef double worst = 0.0, added = 0.0, t
+        cdef bint fits = True
+        cdef Py_ssize_t i
+        cdef i64 r, tok
+        for i in range(b.m):
+            r = b.rank[i]
+            tok = b.tok[i] + self.tok[r]
+            if tok > self.eng.capacity:
+                fits = False
+            t = self.time(tok, self.attn[r] + b.attn[i], self.local[r] + b.local[i], self.ri[r] + b.ri[i],
+                          self.rx[r] + b.rx[i], self.si[r] + b.si[i], self.sx[r] + b.sx[i])
+            if increase:
+                added += t - (self.total(r) if totals is None else <double> totals[r])
+            if t > worst:
+                worst = t
+        return worst, added, fits
+
+    cdef double peek(self, Block remove, Block add, bint* fits) noexcept:
+        """:meth:`LoadState.peek`: the max new time of the touched ranks; ``fits[0]``: capacity kept."""
+        cdef double worst = 0.0, t, attn, local
+        cdef Py_ssize_t i, j
+        cdef i64 r, tok, ri, rx, si, sx
+        cdef i64* at = self.scratch  # rank -> index in remove, -1 when absent or netted
+        fits[0] = True
+        for j in range(remove.m):
+            at[remove.rank[j]] = j
+        for i in range(add.m):
+            r = add.rank[i]
+            tok, attn, local = add.tok[i], add.attn[i], add.local[i]
+            ri, rx, si, sx = add.ri[i], add.rx[i], add.si[i], add.sx[i]
+            j = at[r]
+            if j >= 0:
+                at[r] = -1
+                tok -= remove.tok[j]
+                attn -= remove.attn[j]
+                local -= remove.local[j]
+                ri -= remove.ri[j]
+                rx -= remove.rx[j]
+                si -= remove.si[j]
+                sx -= remove.sx[j]
+            tok += self.tok[r]
+            if tok > self.eng.capacity:
+                fits[0] = False
+            t = self.time(tok, self.attn[r] + attn, self.local[r] + local, self.ri[r] + ri, self.rx[r] + rx,
+                          self.si[r] + si, self.sx[r] + sx)
+            if t > worst:
+                worst = t
+        for j in range(remove.m):
+            r = remove.rank[j]
+            if at[r] < 0:
+                continue
+            at[r] = -1
+            t = self.time(self.tok[r] - remove.tok[j], self.attn[r] - remove.attn[j],
+                          self.local[r] - remove.local[j], self.ri[r] - remove.ri[j], self.rx[r] - remove.rx[j],
+                          self.si[r] - remove.si[j], self.sx[r] - remove.sx[j])
+            if t > worst:
+                worst = t
+        return worst
+
+    cdef double peek_shift(self, i64 r, i64 s, i64 tokens, double ms, bint* fits) noexcept:
+        """:meth:`LoadState.peek_shift`."""
+        cdef i64 tok_r = self.tok[r] - tokens, tok_s = self.tok[s] + tokens
+        cdef double t_r, t_s
+        fits[0] = tok_r <= self.eng.capacity and tok_s <= self.eng.capacity
+        t_r = self.time(tok_r, self.attn[r] - ms, self.local[r] - ms, self.ri[r], self.rx[r], self.si[r], self.sx[r])
+        t_s = self.time(tok_s, self.attn[s] + ms, self.local[s] + ms, self.ri[s], self.rx[s], self.si[s], self.sx[s])
+        return t_r if t_r > t_s else t_s
+
+    # -- membership ---------------------------------------------------------------------------------------
+
+    cdef Block _block(self, i64 d, Block whole):
+        if self.k[d] == 0:
+            return <Block> self.fill_blocks[d]
+        return self.eng._shares(d, self.g0[d], self.k[d], whole)
+
+    cdef int index_ranks(self) except -1:
+        """Build the per-rank membership after the greedy (whole by cost order, split by length order)."""
+        cdef Engine e = self.eng
+        cdef Py_ssize_t i, j
+        cdef i64 d
+        cdef Block b
+        for i in range(e.num_docs):
+            d = e.by_cost[i]
+            if self.k[d] == 1:
+                _vec_insert_sorted(&self.whole_on[self.g0[d]], i)  # appends: i increases
+        for i in range(e.num_docs):
+            d = e.longest_first[i]
+            if self.k[d] >= 2:
+                b = self._block(d, e.whole_a)
+                for j in range(b.m):
+                    _vec_insert_sorted(&self.split_on[b.rank[j]], i)
+        return 0
+
+    cdef int move(self, i64 d, i64 g0, i64 k) except -1:
+        """:meth:`PlacementSearch._move`: re-place ``d`` as ``(g0, k)``."""
+        cdef Engine e = self.eng
+        cdef Block b = self._block(d, e.whole_a)
+        cdef Py_ssize_t j
+        self.add(b, -1)
+        if self.k[d] == 1:
+            _vec_remove_sorted(&self.whole_on[self.g0[d]], e.cost_pos[d])
+        else:
+            for j in range(b.m):
+                _vec_remove_sorted(&self.split_on[b.rank[j]], e.lf_pos[d])
+        self.g0[d] = g0
+        self.k[d] = k
+        b = self._block(d, e.whole_a)
+        self.add(b, 1)
+        if k == 1:
+            _vec_insert_sorted(&self.whole_on[g0], e.cost_pos[d])
+        else:
+            for j in range(b.m):
+                _vec_insert_sorted(&self.split_on[b.rank[j]], e.lf_pos[d])
+        return 0
+
+    # -- phase 2 -------------------------------------------------------------------------------------------
+
+    cdef Py_ssize_t _near(self, IntVec* items, double value) noexcept:
+        """Index of the first item whose cost is >= ``value`` (``bisect_left(items, (value, -1))``)."""
+        cdef Py_ssize_t lo = 0, hi = items.size, mid
+        cdef double[::1] cost = self.eng.whole_cost
+        cdef i64[::1] by_cost = self.eng.by_cost
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if cost[by_cost[items.data[mid]]] < value:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    cdef tuple _best_split(self, i64 d, Block remove, double bound, list totals):
+        """:meth:`PlacementSearch._best_split` (two groups per size, as for instances that are not small)."""
+        cdef Engine e = self.eng
+        cdef double best_time = bound, t
+        cdef bint fits
+        cdef Py_ssize_t ki, b
+        cdef i64 k, g0, best_g0 = -1, best_k = 0
+        for ki in range(e.num_ks):
+            k = e.ks[ki]
+            blocks = sorted([(max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k)])
+            for b in range(min(2, len(blocks))):
+                g0 = blocks[b][1]
+                t = self.peek(remove, e._shares(d, g0, k, e.whole_b), &fits)
+                if fits and t < best_time:
+                    best_g0, best_k, best_time = g0, k, t
+        return best_g0, best_k, best_time
+
+    def improve(self, double stop):
+        """:meth:`PlacementSearch.improve` for instances that are not small (``stop``: its imbalance)."""
+        cdef Engine e = self.eng
+        cdef Py_ssize_t n = self.n, rounds, x, i, lo, hi, a, c, num_pairs, q
+        cdef i64 r, s, d, dd, ee, low0, low1, g0, k
+        cdef double cur, best_time, gap, half_gap, t, w
+        cdef bint fits
+        cdef i64 move_d, move_g0, move_k, move_e
+        cdef IntVec* here
+        cdef IntVec* there
+        cdef Pair pairs[64]
+        cdef Pair pair
+        cdef double[::1] cost = e.whole_cost
+        cdef i64[::1] by_cost = e.by_cost
+        cdef i64[::1] lengths = e.lengths
+        cdef double[::1] whole_ms = e.whole_ms
+        cdef Block old, b
+        for rounds in range(2 * n + 32):
+            totals = self.totals()
+            r = 0
+            cur = totals[0]
+            for x in range(1, n):
+                if <double> totals[x] > cur:
+                    cur, r = totals[x], x
+            if cur - math.fsum(totals) / n <= stop * cur:
+                return
+            low0, low1 = -1, -1  # heapq.nsmallest(2, zip(totals, range(n)))
+            for x in range(n):
+                if low0 < 0 or <double> totals[x] < <double> totals[low0]:
+                    low1, low0 = low0, x
+                elif low1 < 0 or <double> totals[x] < <double> totals[low1]:
+                    low1 = x
+            best_time = cur * (1.0 - 1e-9)
+            move_d = -1
+            move_e = -1
+            here = &self.whole_on[r]
+            for s in (low0, low1):
+                if s < 0 or s == r:
+                    continue
+                gap = cur - <double> totals[s]
+                i = self._near(here, gap / 2)
+                lo = i - 2 if i >= 2 else 0
+                hi = i + 2 if i + 2 < here.size else here.size
+                for a in range(lo, hi):
+                    d = by_cost[here.data[a]]
+                    t = self.peek_shift(r, s, lengths[d], whole_ms[d], &fits)
+                    if fits and t < best_time:
+                        best_time, move_d, move_g0, move_k, move_e = t, d, s, 1, -1
+            if move_d < 0 and here.size:
+                s = low0
+                if s != r:
+                    there = &self.whole_on[s]
+                    half_gap = (cur - <double> totals[s]) / 2
+                    num_pairs = 0
+                    for a in range(here.size - 16 if here.size > 16 else 0, here.size):
+                        d = by_cost[here.data[a]]
+                        w = cost[d]
+                        i = self._near(there, w - half_gap)
+                        lo = i - 2 if i >= 2 else 0
+                        hi = i + 2 if i + 2 < there.size else there.size
+                        for c in range(lo, hi):
+                            ee = by_cost[there.data[c]]
+                            if ee == d:
+                                continue
+                            pair.gap = fabs(w - cost[ee] - half_gap)
+                            pair.d = d
+                            pair.e = ee
+                            q = num_pairs  # insertion sort by (gap, d, e)
+                            while q > 0 and _pair_before(pair, pairs[q - 1]):
+                                pairs[q] = pairs[q - 1]
+                                q -= 1
+                            pairs[q] = pair
+                            num_pairs += 1
+                    for a in range(num_pairs if num_pairs < 4 else 4):
+                        d, ee = pairs[a].d, pairs[a].e
+                        t = self.peek_shift(r, s, lengths[d] - lengths[ee], whole_ms[d] - whole_ms[ee], &fits)
+                        if fits and t < best_time:
+                            best_time, move_d, move_g0, move_k, move_e = t, d, s, 1, ee
+            if move_d >= 0:
+                if move_e >= 0:
+                    g0 = self.g0[move_d]
+                    self.move(move_d, move_g0, move_k)
+                    self.move(move_e, g0, 1)
+                else:
+                    self.move(move_d, move_g0, move_k)
+                continue
+            for a in range(here.size - 2 if here.size > 2 else 0, here.size):
+                d = by_cost[here.data[a]]
+                g0, k, t = self._best_split(d, e._shares(d, r, 1, e.whole_a), best_time, totals)
+                if g0 >= 0:
+                    best_time, move_d, move_g0, move_k = t, d, g0, k
+            here = &self.split_on[r]
+            for a in range(here.size if here.size < 4 else 4):
+                d = e.longest_first[here.data[a]]
+                old = self._block(d, e.whole_a)
+                g0, k, t = self._best_split(d, old, best_time, totals)
+                if g0 >= 0 and (g0 != self.g0[d] or k != self.k[d]):
+                    best_time, move_d, move_g0, move_k = t, d, g0, k
+                for s in (low0, low1):
+                    if s < 0:
+                        continue
+                    t = self.peek(old, e._shares(d, s, 1, e.whole_b), &fits)
+                    if fits and t < best_time:
+                        best_time, move_d, move_g0, move_k = t, d, s, 1
+            if move_d < 0:
+                return
+            self.move(move_d, move_g0, move_k)
