@@ -206,6 +206,27 @@ cdef Block _block_of(tuple shares):
     return b
 
 
+cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, i64* out) noexcept:
+    """The first ranks of the (up to) two aligned blocks of k ranks whose slowest rank is soonest, as
+    ``sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, n, k))[:2]``; returns how many (1 or 2)."""
+    cdef Py_ssize_t g0, x, count = 0
+    cdef double worst, first = 0.0, second = 0.0
+    for g0 in range(0, n, k):
+        worst = totals[g0]
+        for x in range(g0 + 1, g0 + k if g0 + k < n else n):
+            if totals[x] > worst:
+                worst = totals[x]
+        if count == 0 or worst < first:
+            if count:
+                out[1], second = out[0], first
+            out[0], first = g0, worst
+            count = count + 1 if count < 2 else 2
+        elif count == 1 or worst < second:
+            out[1], second = g0, worst
+            count = 2
+    return count
+
+
 cdef struct Pair:
     double gap
     i64 d
@@ -485,6 +506,20 @@ cdef class Engine:
         return tuple((b.rank[i], b.tok[i], b.attn[i], b.local[i], b.ri[i], b.rx[i], b.si[i], b.sx[i])
                      for i in range(b.m))
 
+    def makespan(self, list placement):
+        """``_exact_makespan`` of ``placement`` (no fill pieces) under the searched mode: shares added in
+        document order, infinite past capacity."""
+        cdef Run run = Run(self)
+        cdef Py_ssize_t d, r
+        cdef i64 g0, k
+        for d in range(self.num_docs):
+            g0, k = placement[d]
+            run.add(self._shares(d, g0, k, self.whole_a), 1)
+        for r in range(self.n):
+            if run.tok[r] > self.capacity:
+                return math.inf
+        return max(run.totals())
+
     def lpt_may_beat(self, double makespan):
         """:meth:`PlacementSearch.lpt_may_beat`."""
         cdef Heap heap
@@ -596,33 +631,46 @@ cdef class Engine:
 
     cdef object _choose(self, Run run, i64 d, i64 r, double limit, double alpha):
         """:meth:`PlacementSearch._choose`: ``(g0, k)`` or None."""
-        cdef double t, inc, fits_t
-        cdef bint fits
-        cdef Py_ssize_t ki, g0, b, nblocks
+        cdef double t, inc, soonest, relaxed
+        cdef bint fits, any_within = False
+        cdef Py_ssize_t ki, b, c, count = 0, best = -1, num_blocks
         cdef i64 k
-        cdef list candidates = []
-        cdef Block shares
+        cdef i64 least[2]
+        cdef i64[27] cand_g0, cand_k  # one whole + two groups per size (at most 13 sizes: N <= 4096)
+        cdef double[27] cand_t, cand_inc
+        cdef double* totals
         if r >= 0:
-            t, inc, fits = run.peek_add(self._shares(d, r, 1, self.whole_a), True, None)
+            t = run.peek_add(self._shares(d, r, 1, self.whole_a), NULL, &inc, &fits)
             if t <= limit or not self.num_ks:
                 return (r, 1)
-            candidates.append(((r, 1), t, inc))
-        totals = run.totals()
+            cand_g0[0], cand_k[0], cand_t[0], cand_inc[0] = r, 1, t, inc
+            count = 1
+        totals = run.fill_totals()
         for ki in range(self.num_ks):
             k = self.ks[ki]
-            blocks = sorted([(max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k)])
-            for b in range(min(2, len(blocks))):
-                g0 = blocks[b][1]
-                t, inc, fits = run.peek_add(self._shares(d, g0, k, self.whole_a), True, totals)
+            num_blocks = _least_blocks(totals, self.n, k, least)
+            for b in range(num_blocks):
+                t = run.peek_add(self._shares(d, least[b], k, self.whole_a), totals, &inc, &fits)
                 if fits:
-                    candidates.append(((g0, k), t, inc))
-        if not candidates:
+                    cand_g0[count], cand_k[count], cand_t[count], cand_inc[count] = least[b], k, t, inc
+                    count += 1
+        if count == 0:
             return None
-        within = [c for c in candidates if c[1] <= limit]
-        if not within:
-            soonest = min(c[1] for c in candidates)
-            within = [c for c in candidates if c[1] <= soonest * max(alpha, 1.0)]
-        return min(within, key=lambda c: (c[2], c[1]))[0]
+        relaxed = limit
+        for c in range(count):
+            if cand_t[c] <= limit:
+                any_within = True
+        if not any_within:  # the ideal load is out of reach: relax it around the best achievable time
+            soonest = cand_t[0]
+            for c in range(1, count):
+                if cand_t[c] < soonest:
+                    soonest = cand_t[c]
+            relaxed = soonest * (alpha if alpha > 1.0 else 1.0)
+        for c in range(count):  # the least (increase, time), first on ties
+            if cand_t[c] <= relaxed and (best < 0 or cand_inc[c] < cand_inc[best]
+                                         or (cand_inc[c] == cand_inc[best] and cand_t[c] < cand_t[best])):
+                best = c
+        return (cand_g0[best], cand_k[best])
 
     cdef list _fill_pieces(self, Run run, i64 d):
         """:meth:`PlacementSearch._fill_pieces`."""
@@ -656,6 +704,7 @@ cdef class Run:
     cdef IntVec* whole_on  # per rank, cost_pos of its whole documents (the reference's sorted((cost, d)))
     cdef IntVec* split_on  # per rank, lf_pos of the split documents with tokens on it (by (-length, d))
     cdef i64* scratch
+    cdef double* totals_buf
 
     def __cinit__(self, Engine eng):
         cdef Py_ssize_t n = eng.n
@@ -675,7 +724,8 @@ cdef class Run:
         self.whole_on = <IntVec*> malloc(n * sizeof(IntVec))
         self.split_on = <IntVec*> malloc(n * sizeof(IntVec))
         self.scratch = <i64*> malloc(n * sizeof(i64))
-        if self.whole_on == NULL or self.split_on == NULL or self.scratch == NULL:
+        self.totals_buf = <double*> malloc(n * sizeof(double))
+        if self.whole_on == NULL or self.split_on == NULL or self.scratch == NULL or self.totals_buf == NULL:
             raise MemoryError()
         for r in range(n):
             self.whole_on[r].data = NULL
@@ -692,6 +742,7 @@ cdef class Run:
         free(self.whole_on)
         free(self.split_on)
         free(self.scratch)
+        free(self.totals_buf)
 
     # -- the reference's _Run / LoadState interface ---------------------------------------------------------
 
@@ -734,6 +785,13 @@ cdef class Run:
             exposed = 0.0
         return tok * e.lin + attn + exposed
 
+    cdef double* fill_totals(self) noexcept:
+        """Every rank's predicted time, into (and returning) the run's buffer."""
+        cdef Py_ssize_t r
+        for r in range(self.n):
+            self.totals_buf[r] = self.total(r)
+        return self.totals_buf
+
     cdef double total(self, i64 r) noexcept:
         return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r])
 
@@ -759,24 +817,25 @@ cdef class Run:
         self.g0[d] = r
         self.k[d] = 1
 
-    cdef tuple peek_add(self, Block b, bint increase, list totals):
-        """:meth:`LoadState._peek_add`: ``(max time of the touched ranks, summed increase, fits)``."""
-        cdef double worst = 0.0, added = 0.0, t
-        cdef bint fits = True
+    cdef double peek_add(self, Block b, double* totals, double* added, bint* fits) noexcept:
+        """:meth:`LoadState._peek_add` with ``increase``: the max time of the touched ranks; ``added[0]``:
+        their summed increase over ``totals`` (NULL: the current times); ``fits[0]``: capacity kept."""
+        cdef double worst = 0.0, t
         cdef Py_ssize_t i
         cdef i64 r, tok
+        added[0] = 0.0
+        fits[0] = True
         for i in range(b.m):
             r = b.rank[i]
             tok = b.tok[i] + self.tok[r]
             if tok > self.eng.capacity:
-                fits = False
+                fits[0] = False
             t = self.time(tok, self.attn[r] + b.attn[i], self.local[r] + b.local[i], self.ri[r] + b.ri[i],
                           self.rx[r] + b.rx[i], self.si[r] + b.si[i], self.sx[r] + b.sx[i])
-            if increase:
-                added += t - (self.total(r) if totals is None else <double> totals[r])
+            added[0] += t - (self.total(r) if totals == NULL else totals[r])
             if t > worst:
                 worst = t
-        return worst, added, fits
+        return worst
 
     cdef double peek(self, Block remove, Block add, bint* fits) noexcept:
         """:meth:`LoadState.peek`: the max new time of the touched ranks; ``fits[0]``: capacity kept."""
@@ -891,22 +950,24 @@ cdef class Run:
                 hi = mid
         return lo
 
-    cdef tuple _best_split(self, i64 d, Block remove, double bound, list totals):
-        """:meth:`PlacementSearch._best_split` (two groups per size, as for instances that are not small)."""
+    cdef double _best_split(self, i64 d, Block remove, double bound, double* totals, i64* g0, i64* k) noexcept:
+        """:meth:`PlacementSearch._best_split` (two groups per size, as for instances that are not small):
+        the best time below ``bound`` (``g0[0] = -1`` when none)."""
         cdef Engine e = self.eng
         cdef double best_time = bound, t
         cdef bint fits
-        cdef Py_ssize_t ki, b
-        cdef i64 k, g0, best_g0 = -1, best_k = 0
+        cdef Py_ssize_t ki, b, num_blocks
+        cdef i64 size
+        cdef i64 least[2]
+        g0[0] = -1
         for ki in range(e.num_ks):
-            k = e.ks[ki]
-            blocks = sorted([(max(totals[g0:g0 + k]), g0) for g0 in range(0, self.n, k)])
-            for b in range(min(2, len(blocks))):
-                g0 = blocks[b][1]
-                t = self.peek(remove, e._shares(d, g0, k, e.whole_b), &fits)
+            size = e.ks[ki]
+            num_blocks = _least_blocks(totals, self.n, size, least)
+            for b in range(num_blocks):
+                t = self.peek(remove, e._shares(d, least[b], size, e.whole_b), &fits)
                 if fits and t < best_time:
-                    best_g0, best_k, best_time = g0, k, t
-        return best_g0, best_k, best_time
+                    g0[0], k[0], best_time = least[b], size, t
+        return best_time
 
     def improve(self, double stop):
         """:meth:`PlacementSearch.improve` for instances that are not small (``stop``: its imbalance)."""
@@ -925,20 +986,21 @@ cdef class Run:
         cdef i64[::1] lengths = e.lengths
         cdef double[::1] whole_ms = e.whole_ms
         cdef Block old, b
+        cdef double* totals
         for rounds in range(2 * n + 32):
-            totals = self.totals()
+            totals = self.fill_totals()
             r = 0
             cur = totals[0]
             for x in range(1, n):
-                if <double> totals[x] > cur:
+                if totals[x] > cur:
                     cur, r = totals[x], x
-            if cur - math.fsum(totals) / n <= stop * cur:
+            if cur - math.fsum([totals[x] for x in range(n)]) / n <= stop * cur:
                 return
             low0, low1 = -1, -1  # heapq.nsmallest(2, zip(totals, range(n)))
             for x in range(n):
-                if low0 < 0 or <double> totals[x] < <double> totals[low0]:
+                if low0 < 0 or totals[x] < totals[low0]:
                     low1, low0 = low0, x
-                elif low1 < 0 or <double> totals[x] < <double> totals[low1]:
+                elif low1 < 0 or totals[x] < totals[low1]:
                     low1 = x
             best_time = cur * (1.0 - 1e-9)
             move_d = -1
@@ -947,7 +1009,7 @@ cdef class Run:
             for s in (low0, low1):
                 if s < 0 or s == r:
                     continue
-                gap = cur - <double> totals[s]
+                gap = cur - totals[s]
                 i = self._near(here, gap / 2)
                 lo = i - 2 if i >= 2 else 0
                 hi = i + 2 if i + 2 < here.size else here.size
@@ -960,7 +1022,7 @@ cdef class Run:
                 s = low0
                 if s != r:
                     there = &self.whole_on[s]
-                    half_gap = (cur - <double> totals[s]) / 2
+                    half_gap = (cur - totals[s]) / 2
                     num_pairs = 0
                     for a in range(here.size - 16 if here.size > 16 else 0, here.size):
                         d = by_cost[here.data[a]]
@@ -996,14 +1058,14 @@ cdef class Run:
                 continue
             for a in range(here.size - 2 if here.size > 2 else 0, here.size):
                 d = by_cost[here.data[a]]
-                g0, k, t = self._best_split(d, e._shares(d, r, 1, e.whole_a), best_time, totals)
+                t = self._best_split(d, e._shares(d, r, 1, e.whole_a), best_time, totals, &g0, &k)
                 if g0 >= 0:
                     best_time, move_d, move_g0, move_k = t, d, g0, k
             here = &self.split_on[r]
             for a in range(here.size if here.size < 4 else 4):
                 d = e.longest_first[here.data[a]]
                 old = self._block(d, e.whole_a)
-                g0, k, t = self._best_split(d, old, best_time, totals)
+                t = self._best_split(d, old, best_time, totals, &g0, &k)
                 if g0 >= 0 and (g0 != self.g0[d] or k != self.k[d]):
                     best_time, move_d, move_g0, move_k = t, d, g0, k
                 for s in (low0, low1):

@@ -549,6 +549,8 @@ class PlacementSearch:
 
 def _exact_makespan(search: PlacementSearch, placement: list[Placement], fills: dict, comm: CommMode) -> float:
     """Makespan of a placement under ``comm`` with the evaluator's formula (exact also for ALL_GATHER)."""
+    if search.engine is not None and comm is search.comm and not fills:
+        return search.engine.makespan(placement)
     state = LoadState(search.cm, search.n, comm, search.capacity)
     for d, (g0, k) in enumerate(placement):
         if k == FILL:
