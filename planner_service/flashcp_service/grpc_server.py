@@ -86,7 +86,9 @@ class PlannerServicer:
         self.service.metrics.in_flight.inc()
         finished = False
         try:
-            await context.send_initial_metadata(((REQUEST_ID_HEADER, record.request_id),))
+            # Trailing, not initial, metadata: it leaves with the status, where initial metadata costs
+            # a batch of its own (about a quarter of a small call's server time).
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, record.request_id),))
             response = await handler(record)
             record.status = "OK"
             return response
@@ -100,7 +102,9 @@ class PlannerServicer:
             code = GRPC_STATUS[info.kind]
             record.status = code.name
             record.error = info.message
-            trailing = ((ERROR_FIELD_METADATA, info.field),) if info.field else ()
+            trailing = ((REQUEST_ID_HEADER, record.request_id),)
+            if info.field:
+                trailing += ((ERROR_FIELD_METADATA, info.field),)
             # abort() sends the status before it raises: account for the call first, so a client that
             # has its answer also finds it in the metrics and the access log.
             self._finish(route, record)

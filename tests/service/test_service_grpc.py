@@ -64,7 +64,10 @@ def test_omit_transfers_leaves_them_out_of_every_plan(grpc_stub, http_client) ->
 def test_request_id_metadata_is_honoured(grpc_stub) -> None:
     reply, call = grpc_stub.Plan.with_call(_request(), metadata=(("x-request-id", "step-7"),))
     assert reply.request_id == "step-7"
-    assert ("x-request-id", "step-7") in call.initial_metadata()
+    assert ("x-request-id", "step-7") in call.trailing_metadata()
+    with pytest.raises(grpc.RpcError) as failed:
+        grpc_stub.Plan(_request(cp_size=-1), metadata=(("x-request-id", "step-8"),))
+    assert ("x-request-id", "step-8") in failed.value.trailing_metadata()
     assert grpc_stub.Plan(_request(request_id="mine")).request_id == "mine"
 
 
