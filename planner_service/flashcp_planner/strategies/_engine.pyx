@@ -209,9 +209,10 @@ cdef Block _block_of(tuple shares):
 cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, i64* out) noexcept:
     """The first ranks of the (up to) two aligned blocks of k ranks whose slowest rank is soonest, as
     ``sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, n, k))[:2]``; returns how many (1 or 2)."""
-    cdef Py_ssize_t g0, x, count = 0
+    cdef Py_ssize_t g0 = -k, x, count = 0
     cdef double worst, first = 0.0, second = 0.0
-    for g0 in range(0, n, k):
+    while g0 + k < n:
+        g0 += k
         worst = totals[g0]
         for x in range(g0 + 1, g0 + k if g0 + k < n else n):
             if totals[x] > worst:
@@ -225,6 +226,80 @@ cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, i64* out) noe
             out[1], second = g0, worst
             count = 2
     return count
+
+
+cdef struct Keyed:
+    double key
+    i64 idx
+
+
+cdef void _stable_sort(Keyed* a, Keyed* tmp, Py_ssize_t n) noexcept:
+    """Sort ``a`` by key, keeping the order of equal keys (bottom-up merge sort; ``tmp``: n scratch)."""
+    cdef Py_ssize_t width = 1, lo, mid, hi, i, j, k
+    cdef Keyed* src = a
+    cdef Keyed* dst = tmp
+    cdef Keyed* swap
+    while width < n:
+        lo = 0
+        while lo < n:
+            mid = lo + width if lo + width < n else n
+            hi = lo + 2 * width if lo + 2 * width < n else n
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if src[j].key < src[i].key:
+                    dst[k] = src[j]
+                    j += 1
+                else:
+                    dst[k] = src[i]
+                    i += 1
+                k += 1
+            while i < mid:
+                dst[k] = src[i]
+                i += 1
+                k += 1
+            while j < hi:
+                dst[k] = src[j]
+                j += 1
+                k += 1
+            lo = hi
+        swap = src
+        src = dst
+        dst = swap
+        width *= 2
+    if src != a:
+        for i in range(n):
+            a[i] = src[i]
+
+
+cdef int _longest_first(i64* lengths, i64* order, Py_ssize_t n) except -1:
+    """Documents by decreasing length, ties by index (a stable LSD radix sort: lengths < 2**32)."""
+    cdef i64* tmp = <i64*> malloc(max(n, 1) * sizeof(i64))
+    cdef Py_ssize_t counts[257]
+    cdef Py_ssize_t i, b, shift
+    cdef i64 top = 0xFFFFFFFF
+    cdef i64* src = order
+    cdef i64* dst = tmp
+    cdef i64* swap
+    if tmp == NULL:
+        raise MemoryError()
+    for i in range(n):
+        order[i] = i
+    for shift in range(0, 32, 8):
+        for b in range(257):
+            counts[b] = 0
+        for i in range(n):
+            counts[((top - lengths[src[i]]) >> shift & 0xFF) + 1] += 1
+        for b in range(256):
+            counts[b + 1] += counts[b]
+        for i in range(n):
+            b = (top - lengths[src[i]]) >> shift & 0xFF
+            dst[counts[b]] = src[i]
+            counts[b] += 1
+        swap = src
+        src = dst
+        dst = swap
+    free(tmp)  # four passes: the result is back in ``order``
+    return 0
 
 
 cdef struct Pair:
@@ -354,7 +429,7 @@ cdef class Engine:
     cdef i64 gpn
     cdef bint exact_need
 
-    def __init__(self, search, by_cost):
+    def __init__(self, search):
         cm = search.cm
         comm = search.comm.value
         if comm not in ("exact_need", "sharding_aware"):
@@ -373,25 +448,84 @@ cdef class Engine:
         self.bw_i = cm.intra_node_gbps * 1e6
         self.bw_x = cm.inter_node_gbps * 1e6
         self.ov = cm.overlap_fraction
-        self.lengths = search.length_array
-        self.whole_ms = search.whole_ms_array
-        self.whole_cost = search.whole_cost_array
-        positions = np.arange(self.num_docs, dtype=np.int64)
-        longest_first = search.longest_first_array
-        self.longest_first = longest_first
-        lf_pos = np.empty_like(positions)
-        lf_pos[longest_first] = positions
-        self.lf_pos = lf_pos
-        self.by_cost = by_cost
-        cost_pos = np.empty_like(positions)
-        cost_pos[by_cost] = positions
-        self.cost_pos = cost_pos
+        self._index_documents(search.lengths)
         self.ks_list = list(search.ks)
         self.ks = np.asarray(self.ks_list, dtype=np.int64)
         self.num_ks = len(self.ks_list)
         self.blocks = {}
         self.whole_a = Block(1)
         self.whole_b = Block(1)
+
+    cdef int _index_documents(self, tuple lengths) except -1:
+        """Per-document arrays: lengths, whole attention and cost, and both orders (PlacementSearch's
+        ``length_array``, ``whole_ms_array``, ``whole_cost_array``, ``longest_first_array``)."""
+        cdef Py_ssize_t d, num_docs = self.num_docs
+        cdef Keyed* keyed = <Keyed*> malloc(2 * max(num_docs, 1) * sizeof(Keyed))
+        if keyed == NULL:
+            raise MemoryError()
+        self.lengths = np.empty(num_docs, dtype=np.int64)
+        self.whole_ms = np.empty(num_docs, dtype=np.float64)
+        self.whole_cost = np.empty(num_docs, dtype=np.float64)
+        self.longest_first = np.empty(num_docs, dtype=np.int64)
+        self.lf_pos = np.empty(num_docs, dtype=np.int64)
+        self.by_cost = np.empty(num_docs, dtype=np.int64)
+        self.cost_pos = np.empty(num_docs, dtype=np.int64)
+        try:
+            for d in range(num_docs):
+                self.lengths[d] = lengths[d]
+                assert 0 < self.lengths[d] < 1 << 32, "document lengths are validated to 1 .. 2**31"
+                self.whole_ms[d] = self.attention.ms(0, self.lengths[d])
+                self.whole_cost[d] = self.whole_ms[d] + self.lengths[d] * self.lin
+            _longest_first(&self.lengths[0], &self.longest_first[0], num_docs)
+            for d in range(num_docs):
+                self.lf_pos[self.longest_first[d]] = d
+            if not self._by_cost_from_lengths():
+                for d in range(num_docs):
+                    keyed[d].key = self.whole_cost[d]
+                    keyed[d].idx = d
+                _stable_sort(keyed, keyed + num_docs, num_docs)
+                for d in range(num_docs):
+                    self.by_cost[d] = keyed[d].idx
+            for d in range(num_docs):
+                self.cost_pos[self.by_cost[d]] = d
+        finally:
+            free(keyed)
+        return 0
+
+    cdef bint _by_cost_from_lengths(self) noexcept:
+        """``by_cost`` from the length order when the whole cost strictly increases with the length (it
+        does unless the efficiency curve falls): (cost, d) order is then (length, d) order."""
+        cdef Py_ssize_t i, j, start, end, out = 0, num_docs = self.num_docs
+        for i in range(1, num_docs):
+            if (self.lengths[self.longest_first[i]] != self.lengths[self.longest_first[i - 1]]
+                    and not self.whole_cost[self.longest_first[i]] < self.whole_cost[self.longest_first[i - 1]]):
+                return False
+        end = num_docs  # groups of equal length, shortest first, each in index order
+        while end > 0:
+            start = end - 1
+            while start > 0 and self.lengths[self.longest_first[start - 1]] == self.lengths[self.longest_first[end - 1]]:
+                start -= 1
+            for j in range(start, end):
+                self.by_cost[out] = self.longest_first[j]
+                out += 1
+            end = start
+        return True
+
+    @property
+    def length_array(self):
+        return self.lengths.base
+
+    @property
+    def whole_ms_array(self):
+        return self.whole_ms.base
+
+    @property
+    def whole_cost_array(self):
+        return self.whole_cost.base
+
+    @property
+    def longest_first_array(self):
+        return self.longest_first.base
 
     # -- shares ------------------------------------------------------------------------------------------
 
@@ -950,7 +1084,7 @@ cdef class Run:
                 hi = mid
         return lo
 
-    cdef double _best_split(self, i64 d, Block remove, double bound, double* totals, i64* g0, i64* k) noexcept:
+    cdef double _best_split(self, i64 d, Block remove, double bound, double* totals, i64* g0, i64* k):
         """:meth:`PlacementSearch._best_split` (two groups per size, as for instances that are not small):
         the best time below ``bound`` (``g0[0] = -1`` when none)."""
         cdef Engine e = self.eng
@@ -987,6 +1121,7 @@ cdef class Run:
         cdef double[::1] whole_ms = e.whole_ms
         cdef Block old, b
         cdef double* totals
+        cdef i64 low[2]
         for rounds in range(2 * n + 32):
             totals = self.fill_totals()
             r = 0
@@ -1006,7 +1141,9 @@ cdef class Run:
             move_d = -1
             move_e = -1
             here = &self.whole_on[r]
-            for s in (low0, low1):
+            low[0], low[1] = low0, low1
+            for x in range(2):
+                s = low[x]
                 if s < 0 or s == r:
                     continue
                 gap = cur - totals[s]
@@ -1068,7 +1205,8 @@ cdef class Run:
                 t = self._best_split(d, old, best_time, totals, &g0, &k)
                 if g0 >= 0 and (g0 != self.g0[d] or k != self.k[d]):
                     best_time, move_d, move_g0, move_k = t, d, g0, k
-                for s in (low0, low1):
+                for x in range(2):
+                    s = low[x]
                     if s < 0:
                         continue
                     t = self.peek(old, e._shares(d, s, 1, e.whole_b), &fits)

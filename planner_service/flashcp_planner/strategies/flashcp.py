@@ -75,7 +75,7 @@ run the Python reference instead (the same plans, slower)."""
 _NATIVE_DEFAULT = NATIVE_AVAILABLE and os.environ.get("FLASHCP_NATIVE", "1") != "0"
 
 __all__ = ["FILL", "NATIVE_AVAILABLE", "FlashCPHeuristic", "Placement", "PlacementSearch", "group_sizes",
-           "heuristic_placements", "placements_layout", "stable_argsort"]
+           "heuristic_placements", "placements_layout"]
 
 Placement = tuple[int, int]
 """``(first_rank, k)``: k = 1 whole on ``first_rank``; k >= 2 head-tail over ranks
@@ -105,21 +105,6 @@ _LNS_DOCS = 32
 """Instances of up to this many documents (and N <= _SMALL_CP) get a final ruin-and-recreate search."""
 _LNS_BUDGET = 2000
 """Search nodes of the whole ruin-and-recreate search (each scores every option of one document)."""
-
-def stable_argsort(values: np.ndarray) -> np.ndarray:
-    """``np.argsort(values, kind="stable")`` (ties by index), by unstable sorts of unique keys: several
-    times faster than the stable merge sort on the arrays of large micro-batches."""
-    if len(values) < 2048:
-        return np.argsort(values, kind="stable")
-    order = np.argsort(values)
-    ranked = values[order]
-    distinct = ranked[1:] != ranked[:-1]
-    if distinct.all():
-        return order
-    group = np.empty(len(values), dtype=np.int64)
-    group[order] = np.concatenate(([0], np.cumsum(distinct)))
-    return np.argsort(group * len(values) + np.arange(len(values)))
-
 
 def group_sizes(cp_size: int, allow_sub_group: bool) -> list[int]:
     """Group sizes k >= 2 a document may be split over: powers of two dividing N, and N itself."""
@@ -176,20 +161,23 @@ class PlacementSearch:
         # exact far beyond any real micro-batch).
         native = native and not self.small and comm is not CommMode.ALL_GATHER and \
             sum(self.lengths) * self.n * self.cm.kv_bytes_per_token < 1 << 53
-        self.length_array = np.array(self.lengths, dtype=np.int64)
-        if native:
-            self.whole_ms_array = Attention(self.cm).whole_ms(self.length_array)
-        else:
-            self.whole_ms_array = np.array(self.cm.whole_attention_ms(self.lengths))
-        """Per document, its attention time kept whole."""
-        self.whole_cost_array = self.whole_ms_array + self.length_array * self.cm.linear_ms_per_token
-        """Per document, its time kept whole: attention + linear (the LPT key of the whole_doc baseline)."""
-        self.longest_first_array = stable_argsort(-self.length_array)
-        """Documents by decreasing length, ties by index."""
         self._cache: dict[tuple[int, int, int], tuple[Share, ...]] = {}
         gpn = self.cm.gpus_per_node
         self._shift_ok = {k: (k <= gpn and gpn % k == 0) or k % gpn == 0 for k in self.ks}
-        self.engine = Engine(self, stable_argsort(self.whole_cost_array)) if native else None
+        self.engine = Engine(self) if native else None
+        if self.engine is not None:  # the same arrays, computed in C
+            self.length_array = self.engine.length_array
+            self.whole_ms_array = self.engine.whole_ms_array
+            self.whole_cost_array = self.engine.whole_cost_array
+            self.longest_first_array = self.engine.longest_first_array
+            return
+        self.length_array = np.array(self.lengths, dtype=np.int64)
+        self.whole_ms_array = np.array(self.cm.whole_attention_ms(self.lengths))
+        """Per document, its attention time kept whole."""
+        self.whole_cost_array = self.whole_ms_array + self.length_array * self.cm.linear_ms_per_token
+        """Per document, its time kept whole: attention + linear (the LPT key of the whole_doc baseline)."""
+        self.longest_first_array = np.argsort(-self.length_array, kind="stable")
+        """Documents by decreasing length, ties by index."""
 
     @cached_property
     def whole_ms(self) -> list[float]:
