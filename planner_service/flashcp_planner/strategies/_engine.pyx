@@ -15,7 +15,7 @@ Only the search modes ``EXACT_NEED`` and ``SHARDING_AWARE`` are supported (the h
 
 from libc.math cimport ceil, fabs, floor, fmax, fmin, log2, sqrt
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memmove
+from libc.string cimport memcpy, memmove
 
 import math
 
@@ -557,6 +557,7 @@ cdef class Engine:
         cdef i64 length = self.lengths[d]
         cdef i64 base = length // (2 * k), rem = length % (2 * k)
         cdef i64 p, i, start, first_node = g0 // self.gpn, nd, m, same, total = 0, heads_total = 0
+        cdef Block template
         cdef i64* head = <i64*> malloc(8 * (k + 1) * sizeof(i64))
         cdef i64* tail = head + (k + 1)
         cdef i64* node = head + 2 * (k + 1)  # node of each position, counted from the group's first node
@@ -585,19 +586,24 @@ cdef class Engine:
                     head[p] += 1
                 else:
                     tail[p] += 1
-            start = 0
-            for p in range(k):
-                head_ms[p] = self.attention.ms(start, start + head[p])
-                start += head[p]
-            for p in range(k - 1, -1, -1):
-                b.attn[p] = 0.0 + head_ms[p] + self.attention.ms(start, start + tail[p])
-                start += tail[p]
+            if g0 == 0:
+                start = 0
+                for p in range(k):
+                    head_ms[p] = self.attention.ms(start, start + head[p])
+                    start += head[p]
+                for p in range(k - 1, -1, -1):
+                    b.attn[p] = 0.0 + head_ms[p] + self.attention.ms(start, start + tail[p])
+                    b.local[p] = 0.0
+                    start += tail[p]
+                b.local[0] = 0.0 + head_ms[0]  # only head chunk 0 reads no remote key
+            else:  # the same chunks as at g0 = 0: only the ranks and the traffic differ
+                template = self._shares(d, 0, k, self.whole_b)
+                memcpy(b.attn, template.attn, k * sizeof(double))
+                memcpy(b.local, template.local, k * sizeof(double))
             for p in range(k):
                 b.rank[p] = g0 + p
                 b.tok[p] = head[p] + tail[p]
-                b.local[p] = 0.0
                 node_size[node[p]] += 1
-            b.local[0] = 0.0 + head_ms[0]  # only head chunk 0 reads no remote key
             if self.exact_need:
                 for p in range(k):
                     per_node[node[p]] += head[p]
