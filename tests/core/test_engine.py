@@ -57,6 +57,18 @@ def test_same_placements_as_the_reference(lengths, cp_size, slack, comm, gpn, ov
     assert heuristic_placements(ctx, comm, native=True) == heuristic_placements(ctx, comm, native=False)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.one_of(st.integers(1, 64), st.integers(64, 4000), st.integers(4000, 100000)),
+                        min_size=1, max_size=32),
+       cp_size=st.sampled_from([2, 3, 4, 8, 16]), slack=st.sampled_from([0.0, 0.05, 0.25]),
+       comm=st.sampled_from(list(CommMode)), gpn=st.sampled_from([2, 4, 8]), overlap=st.sampled_from([0.0, 1.0]))
+def test_small_instances_same_placements_as_the_reference(lengths, cp_size, slack, comm, gpn, overlap):
+    """Small instances run the compiled ruin-and-recreate search (strategies/recreate.py's _recreate)."""
+    ctx = _context(lengths, cp_size, capacity_slack=slack, cost_model=_cost_model(gpn, overlap, False))
+    assert PlacementSearch(ctx, CommMode.EXACT_NEED, native=True).small
+    assert heuristic_placements(ctx, comm, native=True) == heuristic_placements(ctx, comm, native=False)
+
+
 @pytest.mark.parametrize("workload", ["prolong", "web", "code", "longctx", "single", "half-plus-tiny", "equal", "ones"])
 @pytest.mark.parametrize("cp_size", [8, 64])
 def test_same_placements_on_generated_workloads(workload, cp_size):

@@ -1221,3 +1221,272 @@ cdef class Run:
             if move_d < 0:
                 return
             self.move(move_d, move_g0, move_k)
+
+
+# -- the small-instance ruin-and-recreate search ------------------------------------------------------------
+
+
+cdef struct Candidate:
+    double key
+    double inc
+    i64 g0
+    i64 k
+    double work
+    Py_ssize_t option  # index in the document's split table; -1: whole on g0
+
+
+cdef inline bint _candidate_before(Candidate* a, Candidate* b) noexcept:
+    """Python's order of the reference's ``(key, inc, (g0, k), work)`` tuples."""
+    if a.key != b.key:
+        return a.key < b.key
+    if a.inc != b.inc:
+        return a.inc < b.inc
+    if a.g0 != b.g0:
+        return a.g0 < b.g0
+    if a.k != b.k:
+        return a.k < b.k
+    return a.work < b.work
+
+
+cdef class _Sums:
+    """A copy of a ``LoadState``'s per-rank sums, and its time formula (not ALL_GATHER)."""
+
+    cdef Py_ssize_t n
+    cdef i64 capacity, kv
+    cdef double lin, lat_i, lat_x, bw_i, bw_x, ov
+    cdef i64[::1] tok, ri, rx, si, sx
+    cdef double[::1] attn, local
+
+    def __init__(self, state):
+        cm = state.cm
+        self.n = state.n
+        self.capacity = state.capacity
+        self.kv = cm.kv_bytes_per_token
+        self.lin = cm.linear_ms_per_token
+        self.lat_i = cm.intra_node_latency_ms
+        self.lat_x = cm.inter_node_latency_ms
+        self.bw_i = cm.intra_node_gbps * 1e6
+        self.bw_x = cm.inter_node_gbps * 1e6
+        self.ov = cm.overlap_fraction
+        self.tok = np.array(state.tok, dtype=np.int64)
+        self.attn = np.array(state.attn, dtype=np.float64)
+        self.local = np.array(state.local, dtype=np.float64)
+        self.ri = np.array(state.ri, dtype=np.int64)
+        self.rx = np.array(state.rx, dtype=np.int64)
+        self.si = np.array(state.si, dtype=np.int64)
+        self.sx = np.array(state.sx, dtype=np.int64)
+
+    cdef void write_back(self, state):
+        """Store the sums in ``state`` (adding and removing shares need not restore them bit for bit)."""
+        state.tok[:] = self.tok.base.tolist()
+        state.attn[:] = self.attn.base.tolist()
+        state.local[:] = self.local.base.tolist()
+        state.ri[:] = self.ri.base.tolist()
+        state.rx[:] = self.rx.base.tolist()
+        state.si[:] = self.si.base.tolist()
+        state.sx[:] = self.sx.base.tolist()
+        state.dirty.update(range(self.n))
+
+    cdef double time(self, i64 tok, double attn, double local, i64 ri, i64 rx, i64 si, i64 sx) noexcept:
+        """:meth:`LoadState.time` (not ALL_GATHER)."""
+        cdef double comm = 0.0, recv, exposed
+        if ri:
+            comm += self.lat_i + <double> (ri * self.kv) / self.bw_i
+        if rx:
+            comm += self.lat_x + <double> (rx * self.kv) / self.bw_x
+        recv = comm
+        comm = 0.0
+        if si:
+            comm += self.lat_i + <double> (si * self.kv) / self.bw_i
+        if sx:
+            comm += self.lat_x + <double> (sx * self.kv) / self.bw_x
+        exposed = recv + comm - self.ov * local
+        if exposed < 0.0:
+            exposed = 0.0
+        return tok * self.lin + attn + exposed
+
+    cdef double total(self, i64 r) noexcept:
+        return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r])
+
+    cdef void add(self, Block b, i64 sign) noexcept:
+        cdef Py_ssize_t i
+        cdef i64 r
+        for i in range(b.m):
+            r = b.rank[i]
+            self.tok[r] += sign * b.tok[i]
+            self.attn[r] += sign * b.attn[i]
+            self.local[r] += sign * b.local[i]
+            self.ri[r] += sign * b.ri[i]
+            self.rx[r] += sign * b.rx[i]
+            self.si[r] += sign * b.si[i]
+            self.sx[r] += sign * b.sx[i]
+
+
+def recreate(search, state, tuple docs, double bound, Py_ssize_t nodes, bint best_fit, dict tables, dict blocks):
+    """:func:`flashcp_planner.strategies.recreate._recreate` (same arguments, ``tables`` filled for
+    ``docs``; ``blocks``: a cache of their split shares as :class:`Block`), operation for operation.
+    ``state`` ends with the sums the reference would leave."""
+    cdef Py_ssize_t n = search.n, depth, num_docs = len(docs), i, j, count, g0, q, num_seen
+    cdef i64 d, length, capacity = search.capacity, gpn = search.cm.gpus_per_node, r
+    cdef double lin = search.cm.linear_ms_per_token, area = n * bound, work, room, whole_work, t, w, worst, inc
+    cdef _Sums sums = _Sums(state)
+    cdef Block b
+    cdef bint fits
+    cdef Py_ssize_t used = 1
+    if state.comm.value not in ("exact_need", "sharding_aware"):
+        raise ValueError(f"the compiled search supports exact_need and sharding_aware, not {state.comm.value}")
+    lengths, whole_ms = search.lengths, search.whole_ms
+    for d in docs:
+        if d not in blocks:
+            blocks[d] = [_block_of(shares) for _, shares, _ in tables[d][1]]
+    cdef double[::1] rest = np.zeros(num_docs + 1)  # least work of docs[i:]
+    for i in range(num_docs - 1, -1, -1):
+        rest[i] = rest[i + 1] + <double> tables[docs[i]][0]
+    cdef double[::1] totals = np.array(state.totals(), dtype=np.float64)
+    work = sum(state.tok) * lin + math.fsum(state.attn)
+    cdef Py_ssize_t width = n + sum(len(tables[d][1]) for d in docs)  # children of one node, at most
+    cdef Candidate* kids = <Candidate*> malloc(max(num_docs * width, 1) * sizeof(Candidate))
+    cdef Py_ssize_t* num_kids = <Py_ssize_t*> malloc((num_docs + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* next_kid = <Py_ssize_t*> malloc((num_docs + 1) * sizeof(Py_ssize_t))
+    cdef list chosen = []  # per depth: (Block, work)
+    cdef double* seen_tok = <double*> malloc(max(n, 1) * sizeof(double))
+    cdef double* seen_attn = <double*> malloc(max(n, 1) * sizeof(double))
+    cdef i64* seen_node = <i64*> malloc(max(n, 1) * sizeof(i64))
+    cdef Candidate cand
+    cdef Candidate* out
+    if kids == NULL or num_kids == NULL or next_kid == NULL or seen_tok == NULL or seen_attn == NULL \
+            or seen_node == NULL:
+        free(kids); free(num_kids); free(next_kid); free(seen_tok); free(seen_attn); free(seen_node)
+        raise MemoryError()
+    found = None
+    try:
+        depth = 0  # children(depth) of the node reached by the chosen prefix
+        while True:
+            # -- children(depth) ------------------------------------------------------------------------
+            d = docs[depth]
+            length = lengths[d]
+            w = whole_ms[d]
+            room = area - work - rest[depth + 1]
+            out = kids + depth * width
+            count = 0
+            whole_work = length * lin + w
+            if whole_work < room:
+                num_seen = 0
+                for g0 in range(n):
+                    if sums.tok[g0] + length > capacity:
+                        continue
+                    if not (sums.ri[g0] or sums.rx[g0] or sums.si[g0] or sums.sx[g0]):
+                        for q in range(num_seen):
+                            if seen_tok[q] == <double> sums.tok[g0] and seen_attn[q] == sums.attn[g0] \
+                                    and seen_node[q] == g0 // gpn:
+                                break
+                        else:
+                            q = -1
+                        if q >= 0:
+                            continue
+                        seen_tok[num_seen] = <double> sums.tok[g0]
+                        seen_attn[num_seen] = sums.attn[g0]
+                        seen_node[num_seen] = g0 // gpn
+                        num_seen += 1
+                        t = (sums.tok[g0] + length) * lin + (sums.attn[g0] + w)
+                    else:
+                        t = sums.time(sums.tok[g0] + length, sums.attn[g0] + w, sums.local[g0] + w, sums.ri[g0],
+                                      sums.rx[g0], sums.si[g0], sums.sx[g0])
+                    if t < bound:
+                        out[count].key = -t if best_fit else t
+                        out[count].inc = t - totals[g0]
+                        out[count].g0 = g0
+                        out[count].k = 1
+                        out[count].work = whole_work
+                        out[count].option = -1
+                        count += 1
+            splits = tables[d][1]
+            split_blocks = blocks[d]
+            for j in range(len(splits)):
+                option, _, option_work = splits[j]
+                if <double> option_work >= room:
+                    continue
+                b = <Block> split_blocks[j]
+                worst = 0.0
+                inc = 0.0
+                fits = True
+                for i in range(b.m):
+                    r = b.rank[i]
+                    if sums.tok[r] + b.tok[i] > capacity:
+                        fits = False
+                        break
+                    t = sums.time(sums.tok[r] + b.tok[i], sums.attn[r] + b.attn[i], sums.local[r] + b.local[i],
+                                  sums.ri[r] + b.ri[i], sums.rx[r] + b.rx[i], sums.si[r] + b.si[i],
+                                  sums.sx[r] + b.sx[i])
+                    if t >= bound:
+                        fits = False
+                        break
+                    inc += t - totals[r]
+                    if t > worst:
+                        worst = t
+                if fits:
+                    out[count].key = -worst if best_fit else worst
+                    out[count].inc = inc
+                    out[count].g0 = option[0]
+                    out[count].k = option[1]
+                    out[count].work = option_work
+                    out[count].option = j
+                    count += 1
+            for i in range(1, count):  # insertion sort: out.sort()
+                cand = out[i]
+                q = i
+                while q > 0 and _candidate_before(&cand, &out[q - 1]):
+                    out[q] = out[q - 1]
+                    q -= 1
+                out[q] = cand
+            num_kids[depth] = count
+            next_kid[depth] = 0
+            # -- descend: the next child of the deepest node with one left, undoing siblings -------------
+            while True:
+                if len(chosen) == depth + 1:  # undo the previous sibling
+                    b, option_work = chosen.pop()
+                    sums.add(b, -1)
+                    work -= <double> option_work
+                    for i in range(b.m):
+                        totals[b.rank[i]] = sums.total(b.rank[i])
+                if next_kid[depth] < num_kids[depth]:
+                    break
+                if depth == 0:
+                    break
+                depth -= 1
+            if next_kid[depth] >= num_kids[depth]:
+                break  # the whole tree is searched
+            cand = kids[depth * width + next_kid[depth]]
+            next_kid[depth] += 1
+            d = docs[depth]
+            if cand.option < 0:
+                b = Block(1)
+                b.rank[0] = cand.g0
+                b.tok[0] = lengths[d]
+                b.attn[0] = whole_ms[d]
+                b.local[0] = whole_ms[d]
+                b.ri[0] = b.rx[0] = b.si[0] = b.sx[0] = 0
+            else:
+                b = <Block> blocks[d][cand.option]
+            sums.add(b, 1)
+            work += cand.work
+            for i in range(b.m):
+                totals[b.rank[i]] = sums.total(b.rank[i])
+            chosen.append((b, cand.work))
+            if len(chosen) == num_docs:
+                found = []
+                for i in range(num_docs):
+                    # (the options of the chosen path, read back from the candidate arrays)
+                    cand = kids[i * width + next_kid[i] - 1]
+                    found.append((cand.g0, cand.k))
+                break
+            if used >= nodes:
+                break
+            used += 1
+            depth += 1
+        for b, _ in chosen:
+            sums.add(b, -1)
+        sums.write_back(state)
+        return found, used
+    finally:
+        free(kids); free(num_kids); free(next_kid); free(seen_tok); free(seen_attn); free(seen_node)

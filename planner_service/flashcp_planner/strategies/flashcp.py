@@ -139,8 +139,9 @@ class PlacementSearch:
         ctx: the micro-batch and its constants.
         comm: the communication mode searched (``EXACT_NEED`` or ``SHARDING_AWARE``; ``ALL_GATHER`` is
             scored exactly but not searched by the compiled engine).
-        native: run greedy / improvement / the LPT check in the compiled engine (the same results) on
-            instances that are not small; None: when built, unless ``FLASHCP_NATIVE=0``.
+        native: run the search in compiled code (the same results): greedy, improvement and the LPT
+            check of instances that are not small, the ruin-and-recreate search of small ones; None: when
+            built, unless ``FLASHCP_NATIVE=0``.
     """
 
     def __init__(self, ctx: PlanContext, comm: CommMode, *, native: bool | None = None) -> None:
@@ -157,14 +158,15 @@ class PlacementSearch:
             native = _NATIVE_DEFAULT
         if native and not NATIVE_AVAILABLE:
             raise RuntimeError("the compiled search engine is not built (pip install needs a C compiler)")
-        # The engine runs the moves of instances that are not small, and sums KV bytes in int64 (kept
-        # exact far beyond any real micro-batch).
-        native = native and not self.small and comm is not CommMode.ALL_GATHER and \
+        # Compiled code sums KV bytes in int64: exact far beyond any real micro-batch, checked anyway.
+        self.native = native and comm is not CommMode.ALL_GATHER and \
             sum(self.lengths) * self.n * self.cm.kv_bytes_per_token < 1 << 53
+        """Whether compiled code searches: the engine on instances that are not small, the final
+        ruin-and-recreate search on small ones."""
         self._cache: dict[tuple[int, int, int], tuple[Share, ...]] = {}
         gpn = self.cm.gpus_per_node
         self._shift_ok = {k: (k <= gpn and gpn % k == 0) or k % gpn == 0 for k in self.ks}
-        self.engine = Engine(self) if native else None
+        self.engine = Engine(self) if self.native and not self.small else None
         if self.engine is not None:  # the same arrays, computed in C
             self.length_array = self.engine.length_array
             self.whole_ms_array = self.engine.whole_ms_array

@@ -9,6 +9,7 @@ node counts.
 from __future__ import annotations
 
 import math
+from functools import partial
 from itertools import combinations
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,13 @@ def ruin_recreate(search: PlacementSearch, run: _Run, nodes: int) -> None:
     state, placement, touch = run.state, run.placement, run.touch
     n = search.n
     tables: dict[int, tuple[float, list[tuple[Placement, tuple[Share, ...], float]]]] = {}
+    if search.native:  # the compiled twin of _recreate, with its own cache of the tables' shares
+        from flashcp_planner.strategies._engine import recreate as compiled
+
+        blocks: dict = {}
+        recreate = partial(compiled, blocks=blocks)
+    else:
+        recreate = _recreate
     left = nodes
     improved = True
     while improved and left > 0:
@@ -56,10 +64,11 @@ def ruin_recreate(search: PlacementSearch, run: _Run, nodes: int) -> None:
                 if freed in tried:  # the same documents as an earlier set: the same search
                     continue
                 tried.add(freed)
+                _fill_tables(search, freed, tables)
                 for d in freed:
                     search.unplace(state, touch, d, placement[d])
                 for best_fit in (False, True):
-                    found, used = _recreate(search, state, freed, bound, min(_LNS_NODES, left), best_fit, tables)
+                    found, used = recreate(search, state, freed, bound, min(_LNS_NODES, left), best_fit, tables)
                     left -= used
                     if found is not None:
                         for d, option in zip(freed, found, strict=True):
@@ -74,6 +83,16 @@ def ruin_recreate(search: PlacementSearch, run: _Run, nodes: int) -> None:
                     break
             if improved or left <= 0:
                 break
+
+
+def _fill_tables(search: PlacementSearch, docs: tuple[int, ...], tables: dict) -> None:
+    """Add the table of :func:`_recreate` of every document of ``docs`` not in ``tables`` yet."""
+    lin = search.cm.linear_ms_per_token
+    for d in docs:
+        if d not in tables:
+            splits = [((g0, k), shares, math.fsum(share[1] * lin + share[2] for share in shares))
+                      for k in search.ks for g0 in range(0, search.n, k) for shares in (search.shares(d, g0, k),)]
+            tables[d] = (min([search.lengths[d] * lin + search.whole_ms[d], *(split[2] for split in splits)]), splits)
 
 
 def _recreate(
@@ -91,8 +110,8 @@ def _recreate(
     to place reaches N x ``bound``.
 
     Args:
-        tables: per document, its least work over all options and its head-tail options with their
-            shares and work; filled on demand, shared between calls.
+        tables: per document of ``docs``, its least work over all options and its head-tail options with
+            their shares and work (:func:`_fill_tables`).
 
     Returns:
         The placement of each of ``docs`` (``state`` is left as it was) or None; the nodes expanded.
@@ -104,11 +123,6 @@ def _recreate(
     lin = search.cm.linear_ms_per_token
     fast = state.comm is not CommMode.ALL_GATHER
     lengths, whole_ms = search.lengths, search.whole_ms
-    for d in docs:
-        if d not in tables:
-            splits = [((g0, k), shares, math.fsum(share[1] * lin + share[2] for share in shares))
-                      for k in search.ks for g0 in range(0, n, k) for shares in (search.shares(d, g0, k),)]
-            tables[d] = (min([lengths[d] * lin + whole_ms[d], *(split[2] for split in splits)]), splits)
     rest = [0.0] * (len(docs) + 1)  # least work of docs[i:]
     for i in range(len(docs) - 1, -1, -1):
         rest[i] = rest[i + 1] + tables[docs[i]][0]
