@@ -1,15 +1,17 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""Compiled twin of the FlashCP heuristic's greedy and local search (large instances).
+"""Compiled twin of the FlashCP heuristic's search.
 
-:class:`Engine` runs :meth:`PlacementSearch.greedy`, :meth:`PlacementSearch.improve` (the branch of
-instances that are not ``small``) and :meth:`PlacementSearch.lpt_may_beat` of
-:mod:`flashcp_planner.strategies.flashcp` over C arrays, operation for operation: the same candidates
-in the same order, the same floating-point expressions in the same association, the same tie
-breaks. The Python methods stay the reference; tests require identical placements from both.
+:class:`Engine` and its :class:`Run` execute :meth:`PlacementSearch.greedy`,
+:meth:`PlacementSearch.improve` (with :meth:`PlacementSearch._compound` on small instances),
+:meth:`PlacementSearch.lpt_may_beat` of :mod:`flashcp_planner.strategies.flashcp` and
+:func:`flashcp_planner.strategies.recreate.ruin_recreate` over C arrays, operation for operation: the
+same candidates in the same order, the same floating-point expressions in the same association, the
+same tie breaks. The Python code stays the reference; tests require identical placements from both
+(tests/core/test_engine.py).
 
-Shares of split placements come from the reference (``PlacementSearch.shares``, cached there) and are
-copied once into :class:`Block` arrays; whole documents and every heap, sort and sum live here.
-Only the search modes ``EXACT_NEED`` and ``SHARDING_AWARE`` are supported (the heuristic searches
+Head-tail shares are computed here in closed form (groups of k >= 4 with every chunk non-empty), the
+others taken from the reference (``PlacementSearch.shares``) and copied once into :class:`Block` arrays.
+Only the search modes ``EXACT_NEED`` and ``SHARDING_AWARE`` exist here (the heuristic searches
 ``ALL_GATHER`` under ``SHARDING_AWARE``).
 """
 
@@ -18,6 +20,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
 import math
+from itertools import combinations
 
 import numpy as np
 
@@ -206,18 +209,30 @@ cdef Block _block_of(tuple shares):
     return b
 
 
-cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, i64* out) noexcept:
-    """The first ranks of the (up to) two aligned blocks of k ranks whose slowest rank is soonest, as
-    ``sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, n, k))[:2]``; returns how many (1 or 2)."""
-    cdef Py_ssize_t g0 = -k, x, count = 0
-    cdef double worst, first = 0.0, second = 0.0
+cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, Py_ssize_t tries, i64* out) noexcept:
+    """The first ranks of the (up to) ``tries`` aligned blocks of k ranks whose slowest rank is soonest, as
+    ``sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, n, k))[:tries]``; returns how many. ``out``
+    holds n entries."""
+    cdef Py_ssize_t g0 = -k, x, q, count = 0
+    cdef double worst
+    cdef double* key = <double*> malloc(n * sizeof(double)) if tries > 2 else NULL
+    cdef double first = 0.0, second = 0.0
     while g0 + k < n:
         g0 += k
         worst = totals[g0]
         for x in range(g0 + 1, g0 + k if g0 + k < n else n):
             if totals[x] > worst:
                 worst = totals[x]
-        if count == 0 or worst < first:
+        if key != NULL:  # insertion sort of every block (small instances)
+            q = count
+            while q > 0 and worst < key[q - 1]:
+                key[q] = key[q - 1]
+                out[q] = out[q - 1]
+                q -= 1
+            key[q] = worst
+            out[q] = g0
+            count += 1
+        elif count == 0 or worst < first:
             if count:
                 out[1], second = out[0], first
             out[0], first = g0, worst
@@ -225,7 +240,43 @@ cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, i64* out) noe
         elif count == 1 or worst < second:
             out[1], second = g0, worst
             count = 2
-    return count
+    free(key)
+    return count if count < tries else tries
+
+
+cdef void _ranks_by_time(double* totals, Py_ssize_t n, i64* out) noexcept:
+    """Ranks by (time, rank): ``sorted(range(n), key=lambda x: (totals[x], x))``."""
+    cdef Py_ssize_t x, q
+    for x in range(n):
+        q = x
+        while q > 0 and totals[x] < totals[out[q - 1]]:
+            out[q] = out[q - 1]
+            q -= 1
+        out[q] = x
+
+
+cdef void _target_marks(double* totals, Py_ssize_t n, Py_ssize_t count, i64* mark, i64 current, i64* scratch) noexcept:
+    """Mark ``{current, *the count least-loaded ranks}`` (ties by rank) in ``mark`` (n entries)."""
+    cdef Py_ssize_t x
+    _ranks_by_time(totals, n, scratch)
+    for x in range(n):
+        mark[x] = 0
+    mark[current] = 1
+    for x in range(count if count < n else n):
+        mark[scratch[x]] = 1
+
+
+cdef void _sort_i64(i64* a, Py_ssize_t n) noexcept:
+    """Ascending insertion sort (short arrays)."""
+    cdef Py_ssize_t i, q
+    cdef i64 v
+    for i in range(1, n):
+        v = a[i]
+        q = i
+        while q > 0 and v < a[q - 1]:
+            a[q] = a[q - 1]
+            q -= 1
+        a[q] = v
 
 
 cdef struct Keyed:
@@ -788,7 +839,7 @@ cdef class Engine:
         totals = run.fill_totals()
         for ki in range(self.num_ks):
             k = self.ks[ki]
-            num_blocks = _least_blocks(totals, self.n, k, least)
+            num_blocks = _least_blocks(totals, self.n, k, 2, least)
             for b in range(num_blocks):
                 t = run.peek_add(self._shares(d, least[b], k, self.whole_a), totals, &inc, &fits)
                 if fits:
@@ -844,6 +895,7 @@ cdef class Run:
     cdef IntVec* whole_on  # per rank, cost_pos of its whole documents (the reference's sorted((cost, d)))
     cdef IntVec* split_on  # per rank, lf_pos of the split documents with tokens on it (by (-length, d))
     cdef i64* scratch
+    cdef i64* scratch2
     cdef double* totals_buf
 
     def __cinit__(self, Engine eng):
@@ -864,8 +916,10 @@ cdef class Run:
         self.whole_on = <IntVec*> malloc(n * sizeof(IntVec))
         self.split_on = <IntVec*> malloc(n * sizeof(IntVec))
         self.scratch = <i64*> malloc(n * sizeof(i64))
+        self.scratch2 = <i64*> malloc(n * sizeof(i64))
         self.totals_buf = <double*> malloc(n * sizeof(double))
-        if self.whole_on == NULL or self.split_on == NULL or self.scratch == NULL or self.totals_buf == NULL:
+        if self.whole_on == NULL or self.split_on == NULL or self.scratch == NULL or self.scratch2 == NULL \
+                or self.totals_buf == NULL:
             raise MemoryError()
         for r in range(n):
             self.whole_on[r].data = NULL
@@ -882,6 +936,7 @@ cdef class Run:
         free(self.whole_on)
         free(self.split_on)
         free(self.scratch)
+        free(self.scratch2)
         free(self.totals_buf)
 
     # -- the reference's _Run / LoadState interface ---------------------------------------------------------
@@ -1075,6 +1130,37 @@ cdef class Run:
                 _vec_insert_sorted(&self.split_on[b.rank[j]], e.lf_pos[d])
         return 0
 
+    # -- the final search of small instances -------------------------------------------------------------
+
+    def ruin_recreate(self, Py_ssize_t nodes, Py_ssize_t lns_ranks, Py_ssize_t lns_nodes):
+        """:func:`flashcp_planner.strategies.recreate.ruin_recreate` on this run (its sums, placements and
+        membership updated)."""
+        cdef Engine e = self.eng
+        cdef Py_ssize_t r, i
+        cdef _Sums sums = _Sums.__new__(_Sums)
+        sums.init_from(e, self)
+        placement = self.placement
+        touch = [set() for _ in range(self.n)]
+        for d, (g0, k) in enumerate(placement):
+            b = self._block(d, e.whole_a)
+            for i in range(b.m):
+                touch[b.rank[i]].add(d)
+        _lns(e, sums, placement, touch, nodes, lns_ranks, lns_nodes)
+        self.tok[:] = sums.tok
+        self.attn[:] = sums.attn
+        self.local[:] = sums.local
+        self.ri[:] = sums.ri
+        self.rx[:] = sums.rx
+        self.si[:] = sums.si
+        self.sx[:] = sums.sx
+        for d, (g0, k) in enumerate(placement):
+            self.g0[d] = g0
+            self.k[d] = k
+        for r in range(self.n):
+            self.whole_on[r].size = 0
+            self.split_on[r].size = 0
+        self.index_ranks()
+
     # -- phase 2 -------------------------------------------------------------------------------------------
 
     cdef Py_ssize_t _near(self, IntVec* items, double value) noexcept:
@@ -1090,27 +1176,29 @@ cdef class Run:
                 hi = mid
         return lo
 
-    cdef double _best_split(self, i64 d, Block remove, double bound, double* totals, i64* g0, i64* k):
-        """:meth:`PlacementSearch._best_split` (two groups per size, as for instances that are not small):
-        the best time below ``bound`` (``g0[0] = -1`` when none)."""
+    cdef double _best_split(self, i64 d, Block remove, double bound, double* totals, Py_ssize_t tries, i64* g0,
+                            i64* k):
+        """:meth:`PlacementSearch._best_split` (``tries`` groups per size): the best time below ``bound``
+        (``g0[0] = -1`` when none)."""
         cdef Engine e = self.eng
         cdef double best_time = bound, t
         cdef bint fits
         cdef Py_ssize_t ki, b, num_blocks
         cdef i64 size
-        cdef i64 least[2]
+        cdef i64* least = self.scratch2
         g0[0] = -1
         for ki in range(e.num_ks):
             size = e.ks[ki]
-            num_blocks = _least_blocks(totals, self.n, size, least)
+            num_blocks = _least_blocks(totals, self.n, size, tries, least)
             for b in range(num_blocks):
                 t = self.peek(remove, e._shares(d, least[b], size, e.whole_b), &fits)
                 if fits and t < best_time:
                     g0[0], k[0], best_time = least[b], size, t
         return best_time
 
-    def improve(self, double stop):
-        """:meth:`PlacementSearch.improve` for instances that are not small (``stop``: its imbalance)."""
+    def improve(self, double stop, bint small, tuple compound):
+        """:meth:`PlacementSearch.improve` (``stop``: its imbalance; ``small``: the search's flag;
+        ``compound``: :meth:`_compound`'s limits)."""
         cdef Engine e = self.eng
         cdef Py_ssize_t n = self.n, rounds, x, i, lo, hi, a, c, num_pairs, q
         cdef i64 r, s, d, dd, ee, low0, low1, g0, k
@@ -1128,6 +1216,8 @@ cdef class Run:
         cdef Block old, b
         cdef double* totals
         cdef i64 low[2]
+        cdef IntVec* split_here
+        cdef Py_ssize_t tries
         for rounds in range(2 * n + 32):
             totals = self.fill_totals()
             r = 0
@@ -1186,41 +1276,142 @@ cdef class Run:
                                 q -= 1
                             pairs[q] = pair
                             num_pairs += 1
-                    for a in range(num_pairs if num_pairs < 4 else 4):
+                    for a in range(num_pairs if small or num_pairs < 4 else 4):
                         d, ee = pairs[a].d, pairs[a].e
                         t = self.peek_shift(r, s, lengths[d] - lengths[ee], whole_ms[d] - whole_ms[ee], &fits)
                         if fits and t < best_time:
                             best_time, move_d, move_g0, move_k, move_e = t, d, s, 1, ee
-            if move_d >= 0:
+            if move_d >= 0 and not small:
+                self.move(move_d, move_g0, move_k)
                 if move_e >= 0:
-                    g0 = self.g0[move_d]
-                    self.move(move_d, move_g0, move_k)
-                    self.move(move_e, g0, 1)
-                else:
-                    self.move(move_d, move_g0, move_k)
+                    self.move(move_e, r, 1)
                 continue
+            tries = n if small else 2
             for a in range(here.size - 2 if here.size > 2 else 0, here.size):
                 d = by_cost[here.data[a]]
-                t = self._best_split(d, e._shares(d, r, 1, e.whole_a), best_time, totals, &g0, &k)
+                t = self._best_split(d, e._shares(d, r, 1, e.whole_a), best_time, totals, tries, &g0, &k)
                 if g0 >= 0:
-                    best_time, move_d, move_g0, move_k = t, d, g0, k
-            here = &self.split_on[r]
-            for a in range(here.size if here.size < 4 else 4):
-                d = e.longest_first[here.data[a]]
+                    best_time, move_d, move_g0, move_k, move_e = t, d, g0, k, -1
+            split_here = &self.split_on[r]
+            for a in range(split_here.size if split_here.size < 4 else 4):
+                d = e.longest_first[split_here.data[a]]
                 old = self._block(d, e.whole_a)
-                t = self._best_split(d, old, best_time, totals, &g0, &k)
+                t = self._best_split(d, old, best_time, totals, tries, &g0, &k)
                 if g0 >= 0 and (g0 != self.g0[d] or k != self.k[d]):
-                    best_time, move_d, move_g0, move_k = t, d, g0, k
+                    best_time, move_d, move_g0, move_k, move_e = t, d, g0, k, -1
                 for x in range(2):
                     s = low[x]
                     if s < 0:
                         continue
                     t = self.peek(old, e._shares(d, s, 1, e.whole_b), &fits)
                     if fits and t < best_time:
-                        best_time, move_d, move_g0, move_k = t, d, s, 1
+                        best_time, move_d, move_g0, move_k, move_e = t, d, s, 1, -1
             if move_d < 0:
+                if small and self._compound(r, cur, compound):
+                    continue
                 return
             self.move(move_d, move_g0, move_k)
+            if move_e >= 0:
+                self.move(move_e, r, 1)
+
+    cdef bint _compound(self, i64 r, double cur, tuple limits) except -1:
+        """:meth:`PlacementSearch._compound` (``limits``: whole and split documents tried, target ranks,
+        most evictions)."""
+        cdef Engine e = self.eng
+        cdef Py_ssize_t num_whole = limits[0], num_split = limits[1], num_targets = limits[2]
+        cdef Py_ssize_t max_evict = limits[3], n = self.n, a, i, j, q, x, num_docs, num_options, num_evicted
+        cdef Py_ssize_t num_journal, num_landed
+        cdef i64 d, s, g0, k, ev, size, best_s
+        cdef double t, best_t
+        cdef bint fits, ok
+        cdef IntVec* here = &self.whole_on[r]
+        cdef Block b
+        cdef double* totals
+        cdef i64[::1] docs = np.empty(num_whole + num_split, dtype=np.int64)
+        cdef i64[::1] lowest = np.empty(n, dtype=np.int64)
+        cdef i64[::1] option_g0 = np.empty(n + n * e.num_ks + 1, dtype=np.int64)
+        cdef i64[::1] option_k = np.empty(n + n * e.num_ks + 1, dtype=np.int64)
+        cdef i64[::1] evicted = np.empty(e.num_docs, dtype=np.int64)
+        cdef i64[::1] landed = np.empty(n, dtype=np.int64)
+        cdef i64[::1] mark = np.zeros(n, dtype=np.int64)
+        cdef i64[::1] journal_d = np.empty(e.num_docs + 1, dtype=np.int64)
+        cdef i64[::1] journal_g0 = np.empty(e.num_docs + 1, dtype=np.int64)
+        cdef i64[::1] journal_k = np.empty(e.num_docs + 1, dtype=np.int64)
+        num_docs = 0
+        for a in range(here.size - 1, (here.size - num_whole - 1 if here.size > num_whole else -1), -1):
+            docs[num_docs] = e.by_cost[here.data[a]]
+            num_docs += 1
+        for a in range(self.split_on[r].size if self.split_on[r].size < num_split else num_split):
+            docs[num_docs] = e.longest_first[self.split_on[r].data[a]]
+            num_docs += 1
+        totals = self.fill_totals()
+        _ranks_by_time(totals, n, &lowest[0])
+        for i in range(num_docs):
+            d = docs[i]
+            num_options = 0
+            for a in range(num_targets if num_targets < n else n):
+                if lowest[a] != r or self.k[d] != 1:
+                    option_g0[num_options], option_k[num_options] = lowest[a], 1
+                    num_options += 1
+            for a in range(e.num_ks):
+                size = e.ks[a]
+                g0 = 0
+                while g0 < n:
+                    option_g0[num_options], option_k[num_options] = g0, size
+                    num_options += 1
+                    g0 += size
+            for j in range(num_options):
+                g0, k = option_g0[j], option_k[j]
+                if g0 == self.g0[d] and k == self.k[d]:
+                    continue
+                b = e._shares(d, g0, k, e.whole_a)
+                num_evicted = 0
+                for q in range(b.m):
+                    landed[q] = b.rank[q]
+                    here = &self.whole_on[b.rank[q]]
+                    for a in range(here.size):
+                        ev = e.by_cost[here.data[a]]
+                        if ev != d:
+                            evicted[num_evicted] = e.lf_pos[ev]
+                            num_evicted += 1
+                if num_evicted > max_evict:
+                    continue
+                _sort_i64(&evicted[0], num_evicted)  # by (-length, doc): longest-first positions
+                num_landed = b.m
+                journal_d[0], journal_g0[0], journal_k[0] = d, self.g0[d], self.k[d]
+                num_journal = 1
+                self.move(d, g0, k)
+                totals = self.fill_totals()
+                for a in range(num_evicted):
+                    ev = e.longest_first[evicted[a]]
+                    best_s, best_t = self.g0[ev], math.inf
+                    _target_marks(totals, n, num_targets, &mark[0], self.g0[ev], self.scratch2)
+                    for s in range(n):
+                        if not mark[s]:
+                            continue
+                        t = self.peek(e._shares(ev, self.g0[ev], 1, e.whole_a), e._shares(ev, s, 1, e.whole_b), &ok)
+                        if ok and t < best_t:
+                            best_s, best_t = s, t
+                    if best_s != self.g0[ev]:
+                        journal_d[num_journal], journal_g0[num_journal], journal_k[num_journal] = ev, self.g0[ev], 1
+                        num_journal += 1
+                        self.move(ev, best_s, 1)
+                fits = True
+                for q in range(num_landed):
+                    if self.tok[landed[q]] > e.capacity:
+                        fits = False
+                if fits:
+                    totals = self.fill_totals()
+                    t = totals[0]
+                    for x in range(1, n):
+                        if totals[x] > t:
+                            t = totals[x]
+                    if t < cur * (1.0 - 1e-9):
+                        return True
+                for q in range(num_journal - 1, -1, -1):
+                    self.move(journal_d[q], journal_g0[q], journal_k[q])
+                totals = self.fill_totals()
+        return False
 
 
 # -- the small-instance ruin-and-recreate search ------------------------------------------------------------
@@ -1249,7 +1440,7 @@ cdef inline bint _candidate_before(Candidate* a, Candidate* b) noexcept:
 
 
 cdef class _Sums:
-    """A copy of a ``LoadState``'s per-rank sums, and its time formula (not ALL_GATHER)."""
+    """A copy of a run's per-rank sums, and the time formula (``LoadState.time``, not ALL_GATHER)."""
 
     cdef Py_ssize_t n
     cdef i64 capacity, kv
@@ -1257,35 +1448,24 @@ cdef class _Sums:
     cdef i64[::1] tok, ri, rx, si, sx
     cdef double[::1] attn, local
 
-    def __init__(self, state):
-        cm = state.cm
-        self.n = state.n
-        self.capacity = state.capacity
-        self.kv = cm.kv_bytes_per_token
-        self.lin = cm.linear_ms_per_token
-        self.lat_i = cm.intra_node_latency_ms
-        self.lat_x = cm.inter_node_latency_ms
-        self.bw_i = cm.intra_node_gbps * 1e6
-        self.bw_x = cm.inter_node_gbps * 1e6
-        self.ov = cm.overlap_fraction
-        self.tok = np.array(state.tok, dtype=np.int64)
-        self.attn = np.array(state.attn, dtype=np.float64)
-        self.local = np.array(state.local, dtype=np.float64)
-        self.ri = np.array(state.ri, dtype=np.int64)
-        self.rx = np.array(state.rx, dtype=np.int64)
-        self.si = np.array(state.si, dtype=np.int64)
-        self.sx = np.array(state.sx, dtype=np.int64)
-
-    cdef void write_back(self, state):
-        """Store the sums in ``state`` (adding and removing shares need not restore them bit for bit)."""
-        state.tok[:] = self.tok.base.tolist()
-        state.attn[:] = self.attn.base.tolist()
-        state.local[:] = self.local.base.tolist()
-        state.ri[:] = self.ri.base.tolist()
-        state.rx[:] = self.rx.base.tolist()
-        state.si[:] = self.si.base.tolist()
-        state.sx[:] = self.sx.base.tolist()
-        state.dirty.update(range(self.n))
+    cdef void init_from(self, Engine e, Run run) noexcept:
+        """A copy of an engine run's sums."""
+        self.n = run.n
+        self.capacity = e.capacity
+        self.kv = e.kv
+        self.lin = e.lin
+        self.lat_i = e.lat_i
+        self.lat_x = e.lat_x
+        self.bw_i = e.bw_i
+        self.bw_x = e.bw_x
+        self.ov = e.ov
+        self.tok = np.array(run.tok)
+        self.attn = np.array(run.attn)
+        self.local = np.array(run.local)
+        self.ri = np.array(run.ri)
+        self.rx = np.array(run.rx)
+        self.si = np.array(run.si)
+        self.sx = np.array(run.sx)
 
     cdef double time(self, i64 tok, double attn, double local, i64 ri, i64 rx, i64 si, i64 sx) noexcept:
         """:meth:`LoadState.time` (not ALL_GATHER)."""
@@ -1322,28 +1502,116 @@ cdef class _Sums:
             self.sx[r] += sign * b.sx[i]
 
 
-def recreate(search, state, tuple docs, double bound, Py_ssize_t nodes, bint best_fit, dict tables, dict blocks):
-    """:func:`flashcp_planner.strategies.recreate._recreate` (same arguments, ``tables`` filled for
-    ``docs``; ``blocks``: a cache of their split shares as :class:`Block`), operation for operation.
-    ``state`` ends with the sums the reference would leave."""
+cdef int _lns(Engine e, _Sums sums, list placement, list touch, Py_ssize_t nodes, Py_ssize_t lns_ranks,
+              Py_ssize_t lns_nodes) except -1:
+    """:func:`flashcp_planner.strategies.recreate.ruin_recreate` (``lns_ranks``, ``lns_nodes``: its
+    constants) on ``sums`` (updated in place), ``placement`` and ``touch``, operation for operation."""
+    search = e.search
+    cdef Py_ssize_t n = search.n, left = nodes, m, x, used
+    cdef i64 r
+    cdef double bound, best
+    cdef bint improved = True
+    cdef dict tables = {}, blocks = {}
+    lengths = search.lengths
+    while improved and left > 0:
+        improved = False
+        r = 0
+        best = sums.total(0)
+        for x in range(1, n):
+            if sums.total(x) > best:
+                r, best = x, sums.total(x)
+        bound = best * (1.0 - 1e-9)
+        if all(placement[d][1] == 0 for d in touch[r]):
+            return 0  # only pieces of fill-cut documents: nothing to re-place
+        totals = [sums.total(x) for x in range(n)]
+        others = sorted((x for x in range(n) if x != r), key=lambda x: (totals[x], x))
+        tried = set()
+        for m in range(1, min(lns_ranks, n - 1) + 1):
+            for subset in combinations(others, m):
+                freed = tuple(sorted({d for t in (r, *subset) for d in touch[t] if placement[d][1] != 0},
+                                     key=lambda d: (-lengths[d], d)))
+                if freed in tried:  # the same documents as an earlier set: the same search
+                    continue
+                tried.add(freed)
+                _fill_tables(e, freed, tables, blocks)
+                for d in freed:
+                    _move_shares(sums, touch, d, e._shares(d, placement[d][0], placement[d][1], e.whole_a), -1)
+                for best_fit in (False, True):
+                    found, used = _recreate(search, sums, freed, bound, min(lns_nodes, left), best_fit, tables,
+                                            blocks)
+                    left -= used
+                    if found is not None:
+                        for d, option in zip(freed, found):
+                            placement[d] = option
+                        improved = True
+                        break
+                    if left <= 0:
+                        break
+                for d in freed:
+                    _move_shares(sums, touch, d, e._shares(d, placement[d][0], placement[d][1], e.whole_a), 1)
+                if improved or left <= 0:
+                    break
+            if improved or left <= 0:
+                break
+    return 0
+
+
+cdef int _fill_tables(Engine e, tuple docs, dict tables, dict blocks) except -1:
+    """``recreate._fill_tables`` from the engine's shares; ``blocks[d]``: the split shares of each entry."""
+    cdef Py_ssize_t i, ki
+    cdef i64 d, g0, k
+    cdef double least
+    cdef Block b
+    for d in docs:
+        if d in tables:
+            continue
+        splits = []
+        split_blocks = []
+        for ki in range(e.num_ks):
+            k = e.ks[ki]
+            g0 = 0
+            while g0 < e.n:
+                b = e._shares(d, g0, k, e.whole_a)
+                splits.append(((g0, k), None, math.fsum([b.tok[i] * e.lin + b.attn[i] for i in range(b.m)])))
+                split_blocks.append(b)
+                g0 += k
+        least = e.lengths[d] * e.lin + e.whole_ms[d]
+        for split in splits:
+            least = min(least, split[2])
+        tables[d] = (least, splits)
+        blocks[d] = split_blocks
+    return 0
+
+
+cdef void _move_shares(_Sums sums, list touch, i64 d, Block b, i64 sign):
+    """``PlacementSearch.place`` (sign 1) / ``unplace`` (sign -1) on the sums."""
+    cdef Py_ssize_t i
+    sums.add(b, sign)
+    for i in range(b.m):
+        if sign > 0:
+            (<set> touch[b.rank[i]]).add(d)
+        else:
+            (<set> touch[b.rank[i]]).discard(d)
+
+
+cdef tuple _recreate(search, _Sums sums, tuple docs, double bound, Py_ssize_t nodes, bint best_fit, dict tables,
+                     dict blocks):
+    """:func:`flashcp_planner.strategies.recreate._recreate` on ``sums`` (``tables`` filled for ``docs``;
+    ``blocks``: their split shares as :class:`Block`), operation for operation."""
     cdef Py_ssize_t n = search.n, depth, num_docs = len(docs), i, j, count, g0, q, num_seen
     cdef i64 d, length, capacity = search.capacity, gpn = search.cm.gpus_per_node, r
     cdef double lin = search.cm.linear_ms_per_token, area = n * bound, work, room, whole_work, t, w, worst, inc
-    cdef _Sums sums = _Sums(state)
     cdef Block b
     cdef bint fits
     cdef Py_ssize_t used = 1
-    if state.comm.value not in ("exact_need", "sharding_aware"):
-        raise ValueError(f"the compiled search supports exact_need and sharding_aware, not {state.comm.value}")
     lengths, whole_ms = search.lengths, search.whole_ms
-    for d in docs:
-        if d not in blocks:
-            blocks[d] = [_block_of(shares) for _, shares, _ in tables[d][1]]
     cdef double[::1] rest = np.zeros(num_docs + 1)  # least work of docs[i:]
     for i in range(num_docs - 1, -1, -1):
         rest[i] = rest[i + 1] + <double> tables[docs[i]][0]
-    cdef double[::1] totals = np.array(state.totals(), dtype=np.float64)
-    work = sum(state.tok) * lin + math.fsum(state.attn)
+    cdef double[::1] totals = np.empty(n)
+    for i in range(n):
+        totals[i] = sums.total(i)
+    work = sum(np.asarray(sums.tok).tolist()) * lin + math.fsum(np.asarray(sums.attn).tolist())
     cdef Py_ssize_t width = n + sum(len(tables[d][1]) for d in docs)  # children of one node, at most
     cdef Candidate* kids = <Candidate*> malloc(max(num_docs * width, 1) * sizeof(Candidate))
     cdef Py_ssize_t* num_kids = <Py_ssize_t*> malloc((num_docs + 1) * sizeof(Py_ssize_t))
@@ -1486,7 +1754,6 @@ def recreate(search, state, tuple docs, double bound, Py_ssize_t nodes, bint bes
             depth += 1
         for b, _ in chosen:
             sums.add(b, -1)
-        sums.write_back(state)
         return found, used
     finally:
         free(kids); free(num_kids); free(next_kid); free(seen_tok); free(seen_attn); free(seen_node)

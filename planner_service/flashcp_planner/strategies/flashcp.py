@@ -139,9 +139,8 @@ class PlacementSearch:
         ctx: the micro-batch and its constants.
         comm: the communication mode searched (``EXACT_NEED`` or ``SHARDING_AWARE``; ``ALL_GATHER`` is
             scored exactly but not searched by the compiled engine).
-        native: run the search in compiled code (the same results): greedy, improvement and the LPT
-            check of instances that are not small, the ruin-and-recreate search of small ones; None: when
-            built, unless ``FLASHCP_NATIVE=0``.
+        native: run the search in the compiled engine (the same results); None: when built, unless
+            ``FLASHCP_NATIVE=0``.
     """
 
     def __init__(self, ctx: PlanContext, comm: CommMode, *, native: bool | None = None) -> None:
@@ -161,12 +160,11 @@ class PlacementSearch:
         # Compiled code sums KV bytes in int64: exact far beyond any real micro-batch, checked anyway.
         self.native = native and comm is not CommMode.ALL_GATHER and \
             sum(self.lengths) * self.n * self.cm.kv_bytes_per_token < 1 << 53
-        """Whether compiled code searches: the engine on instances that are not small, the final
-        ruin-and-recreate search on small ones."""
+        """Whether the compiled engine runs the search (greedy, improvement, the final search)."""
         self._cache: dict[tuple[int, int, int], tuple[Share, ...]] = {}
         gpn = self.cm.gpus_per_node
         self._shift_ok = {k: (k <= gpn and gpn % k == 0) or k % gpn == 0 for k in self.ks}
-        self.engine = Engine(self) if self.native and not self.small else None
+        self.engine = Engine(self) if self.native else None
         if self.engine is not None:  # the same arrays, computed in C
             self.length_array = self.engine.length_array
             self.whole_ms_array = self.engine.whole_ms_array
@@ -391,7 +389,9 @@ class PlacementSearch:
     def improve(self, run: _Run) -> None:
         """Phase 2: local search on the slowest rank until no move improves (bounded rounds)."""
         if self.engine is not None:
-            run.improve(_STOP_IMBALANCE)
+            tiny = len(self.lengths) <= _LNS_DOCS  # (as in _compound)
+            run.improve(_STOP_IMBALANCE_SMALL if self.small else _STOP_IMBALANCE, self.small,
+                        (3 if tiny else 2, 2 if tiny else 1, self.n if tiny else _COMPOUND_TARGETS, _COMPOUND_EVICT))
             return
         state, placement, touch = run.state, run.placement, run.touch
         n = self.n

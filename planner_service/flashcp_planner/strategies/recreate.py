@@ -9,7 +9,6 @@ node counts.
 from __future__ import annotations
 
 import math
-from functools import partial
 from itertools import combinations
 from typing import TYPE_CHECKING
 
@@ -36,16 +35,12 @@ def ruin_recreate(search: PlacementSearch, run: _Run, nodes: int) -> None:
     options first, then best fit first). The first one found is applied and the sweep restarts from the
     new slowest rank: the sorted vector of rank times decreases strictly. Stops when a whole sweep finds
     nothing or after ``nodes`` search nodes in all."""
+    if search.engine is not None:  # the engine's run: the compiled twin of this function
+        run.ruin_recreate(nodes, _LNS_RANKS, _LNS_NODES)
+        return
     state, placement, touch = run.state, run.placement, run.touch
     n = search.n
     tables: dict[int, tuple[float, list[tuple[Placement, tuple[Share, ...], float]]]] = {}
-    if search.native:  # the compiled twin of _recreate, with its own cache of the tables' shares
-        from flashcp_planner.strategies._engine import recreate as compiled
-
-        blocks: dict = {}
-        recreate = partial(compiled, blocks=blocks)
-    else:
-        recreate = _recreate
     left = nodes
     improved = True
     while improved and left > 0:
@@ -68,7 +63,7 @@ def ruin_recreate(search: PlacementSearch, run: _Run, nodes: int) -> None:
                 for d in freed:
                     search.unplace(state, touch, d, placement[d])
                 for best_fit in (False, True):
-                    found, used = recreate(search, state, freed, bound, min(_LNS_NODES, left), best_fit, tables)
+                    found, used = _recreate(search, state, freed, bound, min(_LNS_NODES, left), best_fit, tables)
                     left -= used
                     if found is not None:
                         for d, option in zip(freed, found, strict=True):
