@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test lint
 
-$(BIN)/flashcp: pyproject.toml setup.py planner_service/flashcp_planner/strategies/_engine.pyx
+$(BIN)/flashcp: pyproject.toml setup.py $(wildcard planner_service/flashcp_planner/strategies/_engine*.p*)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

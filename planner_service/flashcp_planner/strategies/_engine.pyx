@@ -29,429 +29,8 @@ from flashcp_planner.strategies.shares import pieces_shares
 
 ctypedef long long i64
 
-# -- small containers ----------------------------------------------------------------------------------
-
-
-# Growable binary min-heap of ``(key, rank)`` pairs, ordered as Python orders the tuples.
-cdef struct Heap:
-    double* key
-    i64* rank
-    Py_ssize_t size
-    Py_ssize_t cap
-
-
-cdef int _heap_init(Heap* h, Py_ssize_t cap) except -1:
-    h.size = 0
-    h.cap = cap
-    h.key = <double*> malloc(cap * sizeof(double))
-    h.rank = <i64*> malloc(cap * sizeof(i64))
-    if h.key == NULL or h.rank == NULL:
-        raise MemoryError()
-    return 0
-
-
-cdef void _heap_free(Heap* h) noexcept:
-    free(h.key)
-    free(h.rank)
-    h.key = NULL
-    h.rank = NULL
-
-
-cdef inline bint _before(double ka, i64 ra, double kb, i64 rb) noexcept nogil:
-    return ka < kb or (ka == kb and ra < rb)
-
-
-cdef void _heap_sift_up(Heap* h, Py_ssize_t i) noexcept nogil:
-    cdef double k = h.key[i]
-    cdef i64 r = h.rank[i]
-    cdef Py_ssize_t parent
-    while i > 0:
-        parent = (i - 1) >> 1
-        if not _before(k, r, h.key[parent], h.rank[parent]):
-            break
-        h.key[i] = h.key[parent]
-        h.rank[i] = h.rank[parent]
-        i = parent
-    h.key[i] = k
-    h.rank[i] = r
-
-
-cdef void _heap_sift_down(Heap* h, Py_ssize_t i) noexcept nogil:
-    cdef double k = h.key[i]
-    cdef i64 r = h.rank[i]
-    cdef Py_ssize_t child
-    while True:
-        child = 2 * i + 1
-        if child >= h.size:
-            break
-        if child + 1 < h.size and _before(h.key[child + 1], h.rank[child + 1], h.key[child], h.rank[child]):
-            child += 1
-        if not _before(h.key[child], h.rank[child], k, r):
-            break
-        h.key[i] = h.key[child]
-        h.rank[i] = h.rank[child]
-        i = child
-    h.key[i] = k
-    h.rank[i] = r
-
-
-cdef int _heap_push(Heap* h, double k, i64 r) except -1:
-    if h.size == h.cap:
-        h.cap = 2 * h.cap + 4
-        h.key = <double*> realloc(h.key, h.cap * sizeof(double))
-        h.rank = <i64*> realloc(h.rank, h.cap * sizeof(i64))
-        if h.key == NULL or h.rank == NULL:
-            raise MemoryError()
-    h.key[h.size] = k
-    h.rank[h.size] = r
-    h.size += 1
-    _heap_sift_up(h, h.size - 1)
-    return 0
-
-
-cdef void _heap_pop(Heap* h) noexcept nogil:
-    h.size -= 1
-    if h.size > 0:
-        h.key[0] = h.key[h.size]
-        h.rank[0] = h.rank[h.size]
-        _heap_sift_down(h, 0)
-
-
-cdef void _heap_replace(Heap* h, double k, i64 r) noexcept nogil:
-    h.key[0] = k
-    h.rank[0] = r
-    _heap_sift_down(h, 0)
-
-
-# Growable sorted array of int64.
-cdef struct IntVec:
-    i64* data
-    Py_ssize_t size
-    Py_ssize_t cap
-
-
-cdef int _vec_insert_sorted(IntVec* v, i64 x) except -1:
-    cdef Py_ssize_t lo = 0, hi = v.size, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if v.data[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    if v.size == v.cap:
-        v.cap = v.cap * 2 + 4
-        v.data = <i64*> realloc(v.data, v.cap * sizeof(i64))
-        if v.data == NULL:
-            raise MemoryError()
-    memmove(&v.data[lo + 1], &v.data[lo], (v.size - lo) * sizeof(i64))
-    v.data[lo] = x
-    v.size += 1
-    return 0
-
-
-cdef void _vec_remove_sorted(IntVec* v, i64 x) noexcept nogil:
-    cdef Py_ssize_t lo = 0, hi = v.size, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if v.data[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < v.size and v.data[lo] == x:
-        memmove(&v.data[lo], &v.data[lo + 1], (v.size - lo - 1) * sizeof(i64))
-        v.size -= 1
-
-
-cdef class Block:
-    """The shares of one placement (``flashcp_planner.strategies.shares.Share`` tuples) as columns."""
-
-    cdef Py_ssize_t m
-    cdef i64* rank
-    cdef i64* tok
-    cdef double* attn
-    cdef double* local
-    cdef i64* ri
-    cdef i64* rx
-    cdef i64* si
-    cdef i64* sx
-
-    def __cinit__(self, Py_ssize_t m):
-        self.m = m
-        self.rank = <i64*> malloc(6 * max(m, 1) * sizeof(i64))
-        self.attn = <double*> malloc(2 * max(m, 1) * sizeof(double))
-        if self.rank == NULL or self.attn == NULL:
-            raise MemoryError()
-        self.tok = self.rank + m
-        self.ri = self.rank + 2 * m
-        self.rx = self.rank + 3 * m
-        self.si = self.rank + 4 * m
-        self.sx = self.rank + 5 * m
-        self.local = self.attn + m
-
-    def __dealloc__(self):
-        free(self.rank)
-        free(self.attn)
-
-
-cdef Block _block_of(tuple shares):
-    cdef Py_ssize_t i, m = len(shares)
-    cdef Block b = Block(m)
-    for i in range(m):
-        share = shares[i]
-        b.rank[i] = share[0]
-        b.tok[i] = share[1]
-        b.attn[i] = share[2]
-        b.local[i] = share[3]
-        b.ri[i] = share[4]
-        b.rx[i] = share[5]
-        b.si[i] = share[6]
-        b.sx[i] = share[7]
-    return b
-
-
-cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, Py_ssize_t tries, i64* out) noexcept:
-    """The first ranks of the (up to) ``tries`` aligned blocks of k ranks whose slowest rank is soonest, as
-    ``sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, n, k))[:tries]``; returns how many. ``out``
-    holds n entries."""
-    cdef Py_ssize_t g0 = -k, x, q, count = 0
-    cdef double worst
-    cdef double* key = <double*> malloc(n * sizeof(double)) if tries > 2 else NULL
-    cdef double first = 0.0, second = 0.0
-    while g0 + k < n:
-        g0 += k
-        worst = totals[g0]
-        for x in range(g0 + 1, g0 + k if g0 + k < n else n):
-            if totals[x] > worst:
-                worst = totals[x]
-        if key != NULL:  # insertion sort of every block (small instances)
-            q = count
-            while q > 0 and worst < key[q - 1]:
-                key[q] = key[q - 1]
-                out[q] = out[q - 1]
-                q -= 1
-            key[q] = worst
-            out[q] = g0
-            count += 1
-        elif count == 0 or worst < first:
-            if count:
-                out[1], second = out[0], first
-            out[0], first = g0, worst
-            count = count + 1 if count < 2 else 2
-        elif count == 1 or worst < second:
-            out[1], second = g0, worst
-            count = 2
-    free(key)
-    return count if count < tries else tries
-
-
-cdef void _ranks_by_time(double* totals, Py_ssize_t n, i64* out) noexcept:
-    """Ranks by (time, rank): ``sorted(range(n), key=lambda x: (totals[x], x))``."""
-    cdef Py_ssize_t x, q
-    for x in range(n):
-        q = x
-        while q > 0 and totals[x] < totals[out[q - 1]]:
-            out[q] = out[q - 1]
-            q -= 1
-        out[q] = x
-
-
-cdef void _target_marks(double* totals, Py_ssize_t n, Py_ssize_t count, i64* mark, i64 current, i64* scratch) noexcept:
-    """Mark ``{current, *the count least-loaded ranks}`` (ties by rank) in ``mark`` (n entries)."""
-    cdef Py_ssize_t x
-    _ranks_by_time(totals, n, scratch)
-    for x in range(n):
-        mark[x] = 0
-    mark[current] = 1
-    for x in range(count if count < n else n):
-        mark[scratch[x]] = 1
-
-
-cdef void _sort_i64(i64* a, Py_ssize_t n) noexcept:
-    """Ascending insertion sort (short arrays)."""
-    cdef Py_ssize_t i, q
-    cdef i64 v
-    for i in range(1, n):
-        v = a[i]
-        q = i
-        while q > 0 and v < a[q - 1]:
-            a[q] = a[q - 1]
-            q -= 1
-        a[q] = v
-
-
-cdef struct Keyed:
-    double key
-    i64 idx
-
-
-cdef void _stable_sort(Keyed* a, Keyed* tmp, Py_ssize_t n) noexcept:
-    """Sort ``a`` by key, keeping the order of equal keys (bottom-up merge sort; ``tmp``: n scratch)."""
-    cdef Py_ssize_t width = 1, lo, mid, hi, i, j, k
-    cdef Keyed* src = a
-    cdef Keyed* dst = tmp
-    cdef Keyed* swap
-    while width < n:
-        lo = 0
-        while lo < n:
-            mid = lo + width if lo + width < n else n
-            hi = lo + 2 * width if lo + 2 * width < n else n
-            i, j, k = lo, mid, lo
-            while i < mid and j < hi:
-                if src[j].key < src[i].key:
-                    dst[k] = src[j]
-                    j += 1
-                else:
-                    dst[k] = src[i]
-                    i += 1
-                k += 1
-            while i < mid:
-                dst[k] = src[i]
-                i += 1
-                k += 1
-            while j < hi:
-                dst[k] = src[j]
-                j += 1
-                k += 1
-            lo = hi
-        swap = src
-        src = dst
-        dst = swap
-        width *= 2
-    if src != a:
-        for i in range(n):
-            a[i] = src[i]
-
-
-cdef int _longest_first(i64* lengths, i64* order, Py_ssize_t n) except -1:
-    """Documents by decreasing length, ties by index (a stable LSD radix sort: lengths < 2**32)."""
-    cdef i64* tmp = <i64*> malloc(max(n, 1) * sizeof(i64))
-    cdef Py_ssize_t counts[257]
-    cdef Py_ssize_t i, b, shift
-    cdef i64 top = 0xFFFFFFFF
-    cdef i64* src = order
-    cdef i64* dst = tmp
-    cdef i64* swap
-    if tmp == NULL:
-        raise MemoryError()
-    for i in range(n):
-        order[i] = i
-    for shift in range(0, 32, 8):
-        for b in range(257):
-            counts[b] = 0
-        for i in range(n):
-            counts[((top - lengths[src[i]]) >> shift & 0xFF) + 1] += 1
-        for b in range(256):
-            counts[b + 1] += counts[b]
-        for i in range(n):
-            b = (top - lengths[src[i]]) >> shift & 0xFF
-            dst[counts[b]] = src[i]
-            counts[b] += 1
-        swap = src
-        src = dst
-        dst = swap
-    free(tmp)  # four passes: the result is back in ``order``
-    return 0
-
-
-cdef struct Pair:
-    double gap
-    i64 d
-    i64 e
-
-
-cdef inline bint _pair_before(Pair a, Pair b) noexcept nogil:
-    return a.gap < b.gap or (a.gap == b.gap and (a.d < b.d or (a.d == b.d and a.e < b.e)))
-
-
-# -- the cost model's attention time -------------------------------------------------------------------
-
-
-cdef class Attention:
-    """:meth:`CostModel.attention_ms_of` in C: the same floating-point operations, so the same floats."""
-
-    cdef double[::1] lq, ev
-    cdef Py_ssize_t points
-    cdef double heads, head_dim, rate, overhead, bwd
-
-    def __init__(self, cost_model):
-        self.lq = np.asarray(cost_model._eff_log_q, dtype=np.float64)
-        self.ev = np.asarray(cost_model._eff_val, dtype=np.float64)
-        self.points = len(cost_model._eff_val)
-        self.heads = cost_model.num_heads
-        self.head_dim = cost_model.head_dim
-        self.rate = cost_model.attention_tflops * 1e9
-        self.overhead = cost_model.attention_segment_overhead_ms
-        self.bwd = 1.0 + cost_model.attention_backward_ratio
-
-    cdef double ms(self, i64 start, i64 end) noexcept:
-        """Attention of queries ``[start, end)`` (ends up to 2**31: the pair counts stay in int64)."""
-        cdef i64 pairs = (end * (end + 1) - start * (start + 1)) // 2
-        cdef i64 q = _isqrt(2 * pairs)
-        cdef double x = log2(<double> q) if q > 1 else 0.0
-        cdef double eff
-        cdef Py_ssize_t lo, hi, mid
-        if x <= self.lq[0]:
-            eff = self.ev[0]
-        elif x >= self.lq[self.points - 1]:
-            eff = self.ev[self.points - 1]
-        else:
-            lo, hi = 0, self.points  # bisect_right(lq, x)
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if x < self.lq[mid]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            eff = self.ev[lo - 1] + (x - self.lq[lo - 1]) / (self.lq[lo] - self.lq[lo - 1]) * (self.ev[lo] - self.ev[lo - 1])
-        return (self.overhead + 4.0 * <double> pairs * self.heads * self.head_dim / (self.rate * eff)) * self.bwd
-
-    def whole_ms(self, i64[::1] lengths):
-        """``[attention_ms(0, length) for length in lengths]`` as a float64 array."""
-        cdef Py_ssize_t i
-        out = np.empty(lengths.shape[0], dtype=np.float64)
-        cdef double[::1] view = out
-        for i in range(lengths.shape[0]):
-            view[i] = self.ms(0, lengths[i])
-        return out
-
-
-    def per_doc_lower_bound(self, i64[::1] lengths, i64 n, double linear_ms_per_token):
-        """The bound of ``flashcp.per_doc_lower_bound`` in one pass (sums in another order: the caller's
-        relative margin covers the difference)."""
-        cdef Py_ssize_t i, j
-        cdef double length, longest, x, eff, reached, attention = 0.0, tokens = 0.0
-        for i in range(lengths.shape[0]):
-            length = <double> lengths[i]
-            longest = ceil(length / (2 * n))
-            x = log2(fmax(floor(sqrt(2.0 * longest * length)), 1.0))
-            reached = 0.0  # the best efficiency of the curve points at or below x
-            for j in range(self.points):
-                if self.lq[j] <= x and self.ev[j] > reached:
-                    reached = self.ev[j]
-            if x <= self.lq[0]:
-                eff = self.ev[0]
-            elif x >= self.lq[self.points - 1]:
-                eff = self.ev[self.points - 1]
-            else:
-                j = 1
-                while self.lq[j] < x:
-                    j += 1
-                eff = self.ev[j - 1] + (x - self.lq[j - 1]) * (self.ev[j] - self.ev[j - 1]) / (self.lq[j] - self.lq[j - 1])
-            attention += (fmin(length, 2.0 * n) * self.overhead
-                          + 4.0 * self.heads * self.head_dim * (length * (length + 1) / 2) / (self.rate * fmax(eff, reached)))
-            tokens += length
-        return (attention * self.bwd + tokens * linear_ms_per_token) / n
-
-
-cdef inline i64 _isqrt(i64 value) noexcept:
-    """``math.isqrt`` for 0 <= value < 2**63."""
-    cdef unsigned long long r = <unsigned long long> sqrt(<double> value)
-    cdef unsigned long long v = <unsigned long long> value
-    while r * r > v:
-        r -= 1
-    while (r + 1) * (r + 1) <= v:
-        r += 1
-    return <i64> r
+include "_engine_arrays.pxi"
+include "_engine_attention.pxi"
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -881,13 +460,75 @@ cdef class Engine:
         return pieces
 
 
-cdef class Run:
+cdef class Sums:
+    """Per-rank sums of placed shares and the predicted time they imply (``LoadState``'s formula, for
+    the modes the engine searches)."""
+
+    cdef Py_ssize_t n
+    cdef i64 capacity, kv
+    cdef double lin, lat_i, lat_x, bw_i, bw_x, ov
+    cdef i64[::1] tok, ri, rx, si, sx
+    cdef double[::1] attn, local
+
+    def __cinit__(self, Engine eng, *args):
+        self.n = eng.n
+        self.capacity = eng.capacity
+        self.kv = eng.kv
+        self.lin = eng.lin
+        self.lat_i = eng.lat_i
+        self.lat_x = eng.lat_x
+        self.bw_i = eng.bw_i
+        self.bw_x = eng.bw_x
+        self.ov = eng.ov
+        self.tok = np.zeros(self.n, dtype=np.int64)
+        self.ri = np.zeros(self.n, dtype=np.int64)
+        self.rx = np.zeros(self.n, dtype=np.int64)
+        self.si = np.zeros(self.n, dtype=np.int64)
+        self.sx = np.zeros(self.n, dtype=np.int64)
+        self.attn = np.zeros(self.n, dtype=np.float64)
+        self.local = np.zeros(self.n, dtype=np.float64)
+
+    cdef double time(self, i64 tok, double attn, double local, i64 ri, i64 rx, i64 si, i64 sx) noexcept:
+        """:meth:`LoadState.time` (not ALL_GATHER), the same floating-point operations."""
+        cdef double comm = 0.0, recv, exposed
+        if ri:
+            comm += self.lat_i + <double> (ri * self.kv) / self.bw_i
+        if rx:
+            comm += self.lat_x + <double> (rx * self.kv) / self.bw_x
+        recv = comm
+        comm = 0.0
+        if si:
+            comm += self.lat_i + <double> (si * self.kv) / self.bw_i
+        if sx:
+            comm += self.lat_x + <double> (sx * self.kv) / self.bw_x
+        exposed = recv + comm - self.ov * local
+        if exposed < 0.0:
+            exposed = 0.0
+        return tok * self.lin + attn + exposed
+
+    cdef double total(self, i64 r) noexcept:
+        """Rank ``r``'s predicted time now."""
+        return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r])
+
+    cdef void add(self, Block b, i64 sign) noexcept:
+        """Add (``sign`` 1) or remove (-1) the shares of one placement."""
+        cdef Py_ssize_t i
+        cdef i64 r
+        for i in range(b.m):
+            r = b.rank[i]
+            self.tok[r] += sign * b.tok[i]
+            self.attn[r] += sign * b.attn[i]
+            self.local[r] += sign * b.local[i]
+            self.ri[r] += sign * b.ri[i]
+            self.rx[r] += sign * b.rx[i]
+            self.si[r] += sign * b.si[i]
+            self.sx[r] += sign * b.sx[i]
+
+
+cdef class Run(Sums):
     """One greedy run refined by :meth:`improve`: per-rank sums, placements and rank membership."""
 
     cdef Engine eng
-    cdef Py_ssize_t n
-    cdef i64[::1] tok, ri, rx, si, sx
-    cdef double[::1] attn, local
     cdef i64[::1] g0, k
     cdef readonly dict fills
     cdef dict fill_blocks
@@ -901,14 +542,6 @@ cdef class Run:
     def __cinit__(self, Engine eng):
         cdef Py_ssize_t n = eng.n
         self.eng = eng
-        self.n = n
-        self.tok = np.zeros(n, dtype=np.int64)
-        self.ri = np.zeros(n, dtype=np.int64)
-        self.rx = np.zeros(n, dtype=np.int64)
-        self.si = np.zeros(n, dtype=np.int64)
-        self.sx = np.zeros(n, dtype=np.int64)
-        self.attn = np.zeros(n, dtype=np.float64)
-        self.local = np.zeros(n, dtype=np.float64)
         self.g0 = np.zeros(eng.num_docs, dtype=np.int64)
         self.k = np.ones(eng.num_docs, dtype=np.int64)
         self.fills = {}
@@ -961,47 +594,12 @@ cdef class Run:
 
     # -- sums ---------------------------------------------------------------------------------------------
 
-    cdef double time(self, i64 tok, double attn, double local, i64 ri, i64 rx, i64 si, i64 sx) noexcept:
-        """:meth:`LoadState.time` (not ALL_GATHER), the same floating-point operations."""
-        cdef Engine e = self.eng
-        cdef double comm = 0.0, recv, exposed
-        if ri:
-            comm += e.lat_i + <double> (ri * e.kv) / e.bw_i
-        if rx:
-            comm += e.lat_x + <double> (rx * e.kv) / e.bw_x
-        recv = comm
-        comm = 0.0
-        if si:
-            comm += e.lat_i + <double> (si * e.kv) / e.bw_i
-        if sx:
-            comm += e.lat_x + <double> (sx * e.kv) / e.bw_x
-        exposed = recv + comm - e.ov * local
-        if exposed < 0.0:
-            exposed = 0.0
-        return tok * e.lin + attn + exposed
-
     cdef double* fill_totals(self) noexcept:
         """Every rank's predicted time, into (and returning) the run's buffer."""
         cdef Py_ssize_t r
         for r in range(self.n):
             self.totals_buf[r] = self.total(r)
         return self.totals_buf
-
-    cdef double total(self, i64 r) noexcept:
-        return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r])
-
-    cdef void add(self, Block b, i64 sign) noexcept:
-        cdef Py_ssize_t i
-        cdef i64 r
-        for i in range(b.m):
-            r = b.rank[i]
-            self.tok[r] += sign * b.tok[i]
-            self.attn[r] += sign * b.attn[i]
-            self.local[r] += sign * b.local[i]
-            self.ri[r] += sign * b.ri[i]
-            self.rx[r] += sign * b.rx[i]
-            self.si[r] += sign * b.si[i]
-            self.sx[r] += sign * b.sx[i]
 
     cdef void place_whole(self, i64 d, i64 r) noexcept:
         """The greedy's fast path: ``d`` whole on ``r`` (``LoadState.add`` inlined there too)."""
@@ -1137,22 +735,14 @@ cdef class Run:
         membership updated)."""
         cdef Engine e = self.eng
         cdef Py_ssize_t r, i
-        cdef _Sums sums = _Sums.__new__(_Sums)
-        sums.init_from(e, self)
+        cdef Block b
         placement = self.placement
         touch = [set() for _ in range(self.n)]
-        for d, (g0, k) in enumerate(placement):
+        for d in range(e.num_docs):
             b = self._block(d, e.whole_a)
             for i in range(b.m):
                 touch[b.rank[i]].add(d)
-        _lns(e, sums, placement, touch, nodes, lns_ranks, lns_nodes)
-        self.tok[:] = sums.tok
-        self.attn[:] = sums.attn
-        self.local[:] = sums.local
-        self.ri[:] = sums.ri
-        self.rx[:] = sums.rx
-        self.si[:] = sums.si
-        self.sx[:] = sums.sx
+        _lns(e, self, placement, touch, nodes, lns_ranks, lns_nodes)
         for d, (g0, k) in enumerate(placement):
             self.g0[d] = g0
             self.k[d] = k
@@ -1414,346 +1004,4 @@ cdef class Run:
         return False
 
 
-# -- the small-instance ruin-and-recreate search ------------------------------------------------------------
-
-
-cdef struct Candidate:
-    double key
-    double inc
-    i64 g0
-    i64 k
-    double work
-    Py_ssize_t option  # index in the document's split table; -1: whole on g0
-
-
-cdef inline bint _candidate_before(Candidate* a, Candidate* b) noexcept:
-    """Python's order of the reference's ``(key, inc, (g0, k), work)`` tuples."""
-    if a.key != b.key:
-        return a.key < b.key
-    if a.inc != b.inc:
-        return a.inc < b.inc
-    if a.g0 != b.g0:
-        return a.g0 < b.g0
-    if a.k != b.k:
-        return a.k < b.k
-    return a.work < b.work
-
-
-cdef class _Sums:
-    """A copy of a run's per-rank sums, and the time formula (``LoadState.time``, not ALL_GATHER)."""
-
-    cdef Py_ssize_t n
-    cdef i64 capacity, kv
-    cdef double lin, lat_i, lat_x, bw_i, bw_x, ov
-    cdef i64[::1] tok, ri, rx, si, sx
-    cdef double[::1] attn, local
-
-    cdef void init_from(self, Engine e, Run run) noexcept:
-        """A copy of an engine run's sums."""
-        self.n = run.n
-        self.capacity = e.capacity
-        self.kv = e.kv
-        self.lin = e.lin
-        self.lat_i = e.lat_i
-        self.lat_x = e.lat_x
-        self.bw_i = e.bw_i
-        self.bw_x = e.bw_x
-        self.ov = e.ov
-        self.tok = np.array(run.tok)
-        self.attn = np.array(run.attn)
-        self.local = np.array(run.local)
-        self.ri = np.array(run.ri)
-        self.rx = np.array(run.rx)
-        self.si = np.array(run.si)
-        self.sx = np.array(run.sx)
-
-    cdef double time(self, i64 tok, double attn, double local, i64 ri, i64 rx, i64 si, i64 sx) noexcept:
-        """:meth:`LoadState.time` (not ALL_GATHER)."""
-        cdef double comm = 0.0, recv, exposed
-        if ri:
-            comm += self.lat_i + <double> (ri * self.kv) / self.bw_i
-        if rx:
-            comm += self.lat_x + <double> (rx * self.kv) / self.bw_x
-        recv = comm
-        comm = 0.0
-        if si:
-            comm += self.lat_i + <double> (si * self.kv) / self.bw_i
-        if sx:
-            comm += self.lat_x + <double> (sx * self.kv) / self.bw_x
-        exposed = recv + comm - self.ov * local
-        if exposed < 0.0:
-            exposed = 0.0
-        return tok * self.lin + attn + exposed
-
-    cdef double total(self, i64 r) noexcept:
-        return self.time(self.tok[r], self.attn[r], self.local[r], self.ri[r], self.rx[r], self.si[r], self.sx[r])
-
-    cdef void add(self, Block b, i64 sign) noexcept:
-        cdef Py_ssize_t i
-        cdef i64 r
-        for i in range(b.m):
-            r = b.rank[i]
-            self.tok[r] += sign * b.tok[i]
-            self.attn[r] += sign * b.attn[i]
-            self.local[r] += sign * b.local[i]
-            self.ri[r] += sign * b.ri[i]
-            self.rx[r] += sign * b.rx[i]
-            self.si[r] += sign * b.si[i]
-            self.sx[r] += sign * b.sx[i]
-
-
-cdef int _lns(Engine e, _Sums sums, list placement, list touch, Py_ssize_t nodes, Py_ssize_t lns_ranks,
-              Py_ssize_t lns_nodes) except -1:
-    """:func:`flashcp_planner.strategies.recreate.ruin_recreate` (``lns_ranks``, ``lns_nodes``: its
-    constants) on ``sums`` (updated in place), ``placement`` and ``touch``, operation for operation."""
-    search = e.search
-    cdef Py_ssize_t n = search.n, left = nodes, m, x, used
-    cdef i64 r
-    cdef double bound, best
-    cdef bint improved = True
-    cdef dict tables = {}, blocks = {}
-    lengths = search.lengths
-    while improved and left > 0:
-        improved = False
-        r = 0
-        best = sums.total(0)
-        for x in range(1, n):
-            if sums.total(x) > best:
-                r, best = x, sums.total(x)
-        bound = best * (1.0 - 1e-9)
-        if all(placement[d][1] == 0 for d in touch[r]):
-            return 0  # only pieces of fill-cut documents: nothing to re-place
-        totals = [sums.total(x) for x in range(n)]
-        others = sorted((x for x in range(n) if x != r), key=lambda x: (totals[x], x))
-        tried = set()
-        for m in range(1, min(lns_ranks, n - 1) + 1):
-            for subset in combinations(others, m):
-                freed = tuple(sorted({d for t in (r, *subset) for d in touch[t] if placement[d][1] != 0},
-                                     key=lambda d: (-lengths[d], d)))
-                if freed in tried:  # the same documents as an earlier set: the same search
-                    continue
-                tried.add(freed)
-                _fill_tables(e, freed, tables, blocks)
-                for d in freed:
-                    _move_shares(sums, touch, d, e._shares(d, placement[d][0], placement[d][1], e.whole_a), -1)
-                for best_fit in (False, True):
-                    found, used = _recreate(search, sums, freed, bound, min(lns_nodes, left), best_fit, tables,
-                                            blocks)
-                    left -= used
-                    if found is not None:
-                        for d, option in zip(freed, found):
-                            placement[d] = option
-                        improved = True
-                        break
-                    if left <= 0:
-                        break
-                for d in freed:
-                    _move_shares(sums, touch, d, e._shares(d, placement[d][0], placement[d][1], e.whole_a), 1)
-                if improved or left <= 0:
-                    break
-            if improved or left <= 0:
-                break
-    return 0
-
-
-cdef int _fill_tables(Engine e, tuple docs, dict tables, dict blocks) except -1:
-    """``recreate._fill_tables`` from the engine's shares; ``blocks[d]``: the split shares of each entry."""
-    cdef Py_ssize_t i, ki
-    cdef i64 d, g0, k
-    cdef double least
-    cdef Block b
-    for d in docs:
-        if d in tables:
-            continue
-        splits = []
-        split_blocks = []
-        for ki in range(e.num_ks):
-            k = e.ks[ki]
-            g0 = 0
-            while g0 < e.n:
-                b = e._shares(d, g0, k, e.whole_a)
-                splits.append(((g0, k), None, math.fsum([b.tok[i] * e.lin + b.attn[i] for i in range(b.m)])))
-                split_blocks.append(b)
-                g0 += k
-        least = e.lengths[d] * e.lin + e.whole_ms[d]
-        for split in splits:
-            least = min(least, split[2])
-        tables[d] = (least, splits)
-        blocks[d] = split_blocks
-    return 0
-
-
-cdef void _move_shares(_Sums sums, list touch, i64 d, Block b, i64 sign):
-    """``PlacementSearch.place`` (sign 1) / ``unplace`` (sign -1) on the sums."""
-    cdef Py_ssize_t i
-    sums.add(b, sign)
-    for i in range(b.m):
-        if sign > 0:
-            (<set> touch[b.rank[i]]).add(d)
-        else:
-            (<set> touch[b.rank[i]]).discard(d)
-
-
-cdef tuple _recreate(search, _Sums sums, tuple docs, double bound, Py_ssize_t nodes, bint best_fit, dict tables,
-                     dict blocks):
-    """:func:`flashcp_planner.strategies.recreate._recreate` on ``sums`` (``tables`` filled for ``docs``;
-    ``blocks``: their split shares as :class:`Block`), operation for operation."""
-    cdef Py_ssize_t n = search.n, depth, num_docs = len(docs), i, j, count, g0, q, num_seen
-    cdef i64 d, length, capacity = search.capacity, gpn = search.cm.gpus_per_node, r
-    cdef double lin = search.cm.linear_ms_per_token, area = n * bound, work, room, whole_work, t, w, worst, inc
-    cdef Block b
-    cdef bint fits
-    cdef Py_ssize_t used = 1
-    lengths, whole_ms = search.lengths, search.whole_ms
-    cdef double[::1] rest = np.zeros(num_docs + 1)  # least work of docs[i:]
-    for i in range(num_docs - 1, -1, -1):
-        rest[i] = rest[i + 1] + <double> tables[docs[i]][0]
-    cdef double[::1] totals = np.empty(n)
-    for i in range(n):
-        totals[i] = sums.total(i)
-    work = sum(np.asarray(sums.tok).tolist()) * lin + math.fsum(np.asarray(sums.attn).tolist())
-    cdef Py_ssize_t width = n + sum(len(tables[d][1]) for d in docs)  # children of one node, at most
-    cdef Candidate* kids = <Candidate*> malloc(max(num_docs * width, 1) * sizeof(Candidate))
-    cdef Py_ssize_t* num_kids = <Py_ssize_t*> malloc((num_docs + 1) * sizeof(Py_ssize_t))
-    cdef Py_ssize_t* next_kid = <Py_ssize_t*> malloc((num_docs + 1) * sizeof(Py_ssize_t))
-    cdef list chosen = []  # per depth: (Block, work)
-    cdef double* seen_tok = <double*> malloc(max(n, 1) * sizeof(double))
-    cdef double* seen_attn = <double*> malloc(max(n, 1) * sizeof(double))
-    cdef i64* seen_node = <i64*> malloc(max(n, 1) * sizeof(i64))
-    cdef Candidate cand
-    cdef Candidate* out
-    if kids == NULL or num_kids == NULL or next_kid == NULL or seen_tok == NULL or seen_attn == NULL \
-            or seen_node == NULL:
-        free(kids); free(num_kids); free(next_kid); free(seen_tok); free(seen_attn); free(seen_node)
-        raise MemoryError()
-    found = None
-    try:
-        depth = 0  # children(depth) of the node reached by the chosen prefix
-        while True:
-            # -- children(depth) ------------------------------------------------------------------------
-            d = docs[depth]
-            length = lengths[d]
-            w = whole_ms[d]
-            room = area - work - rest[depth + 1]
-            out = kids + depth * width
-            count = 0
-            whole_work = length * lin + w
-            if whole_work < room:
-                num_seen = 0
-                for g0 in range(n):
-                    if sums.tok[g0] + length > capacity:
-                        continue
-                    if not (sums.ri[g0] or sums.rx[g0] or sums.si[g0] or sums.sx[g0]):
-                        for q in range(num_seen):
-                            if seen_tok[q] == <double> sums.tok[g0] and seen_attn[q] == sums.attn[g0] \
-                                    and seen_node[q] == g0 // gpn:
-                                break
-                        else:
-                            q = -1
-                        if q >= 0:
-                            continue
-                        seen_tok[num_seen] = <double> sums.tok[g0]
-                        seen_attn[num_seen] = sums.attn[g0]
-                        seen_node[num_seen] = g0 // gpn
-                        num_seen += 1
-                        t = (sums.tok[g0] + length) * lin + (sums.attn[g0] + w)
-                    else:
-                        t = sums.time(sums.tok[g0] + length, sums.attn[g0] + w, sums.local[g0] + w, sums.ri[g0],
-                                      sums.rx[g0], sums.si[g0], sums.sx[g0])
-                    if t < bound:
-                        out[count].key = -t if best_fit else t
-                        out[count].inc = t - totals[g0]
-                        out[count].g0 = g0
-                        out[count].k = 1
-                        out[count].work = whole_work
-                        out[count].option = -1
-                        count += 1
-            splits = tables[d][1]
-            split_blocks = blocks[d]
-            for j in range(len(splits)):
-                option, _, option_work = splits[j]
-                if <double> option_work >= room:
-                    continue
-                b = <Block> split_blocks[j]
-                worst = 0.0
-                inc = 0.0
-                fits = True
-                for i in range(b.m):
-                    r = b.rank[i]
-                    if sums.tok[r] + b.tok[i] > capacity:
-                        fits = False
-                        break
-                    t = sums.time(sums.tok[r] + b.tok[i], sums.attn[r] + b.attn[i], sums.local[r] + b.local[i],
-                                  sums.ri[r] + b.ri[i], sums.rx[r] + b.rx[i], sums.si[r] + b.si[i],
-                                  sums.sx[r] + b.sx[i])
-                    if t >= bound:
-                        fits = False
-                        break
-                    inc += t - totals[r]
-                    if t > worst:
-                        worst = t
-                if fits:
-                    out[count].key = -worst if best_fit else worst
-                    out[count].inc = inc
-                    out[count].g0 = option[0]
-                    out[count].k = option[1]
-                    out[count].work = option_work
-                    out[count].option = j
-                    count += 1
-            for i in range(1, count):  # insertion sort: out.sort()
-                cand = out[i]
-                q = i
-                while q > 0 and _candidate_before(&cand, &out[q - 1]):
-                    out[q] = out[q - 1]
-                    q -= 1
-                out[q] = cand
-            num_kids[depth] = count
-            next_kid[depth] = 0
-            # -- descend: the next child of the deepest node with one left, undoing siblings -------------
-            while True:
-                if len(chosen) == depth + 1:  # undo the previous sibling
-                    b, option_work = chosen.pop()
-                    sums.add(b, -1)
-                    work -= <double> option_work
-                    for i in range(b.m):
-                        totals[b.rank[i]] = sums.total(b.rank[i])
-                if next_kid[depth] < num_kids[depth]:
-                    break
-                if depth == 0:
-                    break
-                depth -= 1
-            if next_kid[depth] >= num_kids[depth]:
-                break  # the whole tree is searched
-            cand = kids[depth * width + next_kid[depth]]
-            next_kid[depth] += 1
-            d = docs[depth]
-            if cand.option < 0:
-                b = Block(1)
-                b.rank[0] = cand.g0
-                b.tok[0] = lengths[d]
-                b.attn[0] = whole_ms[d]
-                b.local[0] = whole_ms[d]
-                b.ri[0] = b.rx[0] = b.si[0] = b.sx[0] = 0
-            else:
-                b = <Block> blocks[d][cand.option]
-            sums.add(b, 1)
-            work += cand.work
-            for i in range(b.m):
-                totals[b.rank[i]] = sums.total(b.rank[i])
-            chosen.append((b, cand.work))
-            if len(chosen) == num_docs:
-                found = []
-                for i in range(num_docs):
-                    # (the options of the chosen path, read back from the candidate arrays)
-                    cand = kids[i * width + next_kid[i] - 1]
-                    found.append((cand.g0, cand.k))
-                break
-            if used >= nodes:
-                break
-            used += 1
-            depth += 1
-        for b, _ in chosen:
-            sums.add(b, -1)
-        return found, used
-    finally:
-        free(kids); free(num_kids); free(next_kid); free(seen_tok); free(seen_attn); free(seen_node)
+include "_engine_recreate.pxi"
