@@ -16,7 +16,7 @@ Only the search modes ``EXACT_NEED`` and ``SHARDING_AWARE`` exist here (the heur
 """
 
 from libc.math cimport ceil, fabs, floor, fmax, fmin, log2, sqrt
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
 import math
@@ -418,7 +418,7 @@ cdef class Engine:
         totals = run.fill_totals()
         for ki in range(self.num_ks):
             k = self.ks[ki]
-            num_blocks = _least_blocks(totals, self.n, k, 2, least)
+            num_blocks = _least_blocks(totals, self.n, k, 2, least, NULL)
             for b in range(num_blocks):
                 t = run.peek_add(self._shares(d, least[b], k, self.whole_a), totals, &inc, &fits)
                 if fits:
@@ -538,6 +538,7 @@ cdef class Run(Sums):
     cdef i64* scratch
     cdef i64* scratch2
     cdef double* totals_buf
+    cdef double* block_keys
 
     def __cinit__(self, Engine eng):
         cdef Py_ssize_t n = eng.n
@@ -546,31 +547,30 @@ cdef class Run(Sums):
         self.k = np.ones(eng.num_docs, dtype=np.int64)
         self.fills = {}
         self.fill_blocks = {}
-        self.whole_on = <IntVec*> malloc(n * sizeof(IntVec))
-        self.split_on = <IntVec*> malloc(n * sizeof(IntVec))
+        self.whole_on = <IntVec*> calloc(n, sizeof(IntVec))  # zeroed: empty vectors, safe to free
+        self.split_on = <IntVec*> calloc(n, sizeof(IntVec))
         self.scratch = <i64*> malloc(n * sizeof(i64))
         self.scratch2 = <i64*> malloc(n * sizeof(i64))
         self.totals_buf = <double*> malloc(n * sizeof(double))
+        self.block_keys = <double*> malloc(n * sizeof(double))
         if self.whole_on == NULL or self.split_on == NULL or self.scratch == NULL or self.scratch2 == NULL \
-                or self.totals_buf == NULL:
+                or self.totals_buf == NULL or self.block_keys == NULL:
             raise MemoryError()
         for r in range(n):
-            self.whole_on[r].data = NULL
-            self.whole_on[r].size = self.whole_on[r].cap = 0
-            self.split_on[r].data = NULL
-            self.split_on[r].size = self.split_on[r].cap = 0
             self.scratch[r] = -1
 
     def __dealloc__(self):
-        if self.whole_on != NULL:
-            for r in range(self.n):
+        for r in range(self.n):
+            if self.whole_on != NULL:
                 free(self.whole_on[r].data)
+            if self.split_on != NULL:
                 free(self.split_on[r].data)
         free(self.whole_on)
         free(self.split_on)
         free(self.scratch)
         free(self.scratch2)
         free(self.totals_buf)
+        free(self.block_keys)
 
     # -- the reference's _Run / LoadState interface ---------------------------------------------------------
 
@@ -779,7 +779,7 @@ cdef class Run(Sums):
         g0[0] = -1
         for ki in range(e.num_ks):
             size = e.ks[ki]
-            num_blocks = _least_blocks(totals, self.n, size, tries, least)
+            num_blocks = _least_blocks(totals, self.n, size, tries, least, self.block_keys)
             for b in range(num_blocks):
                 t = self.peek(remove, e._shares(d, least[b], size, e.whole_b), &fits)
                 if fits and t < best_time:

@@ -177,13 +177,13 @@ cdef Block _block_of(tuple shares):
     return b
 
 
-cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, Py_ssize_t tries, i64* out) noexcept:
+cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, Py_ssize_t tries, i64* out,
+                              double* key) noexcept:
     """The first ranks of the (up to) ``tries`` aligned blocks of k ranks whose slowest rank is soonest, as
     ``sorted((max(totals[g0:g0 + k]), g0) for g0 in range(0, n, k))[:tries]``; returns how many. ``out``
-    holds n entries."""
+    holds n entries; ``key``, n scratch entries (used when ``tries`` > 2)."""
     cdef Py_ssize_t g0 = -k, x, q, count = 0
     cdef double worst
-    cdef double* key = <double*> malloc(n * sizeof(double)) if tries > 2 else NULL
     cdef double first = 0.0, second = 0.0
     while g0 + k < n:
         g0 += k
@@ -191,7 +191,7 @@ cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, Py_ssize_t tr
         for x in range(g0 + 1, g0 + k if g0 + k < n else n):
             if totals[x] > worst:
                 worst = totals[x]
-        if key != NULL:  # insertion sort of every block (small instances)
+        if tries > 2:  # insertion sort of every block (small instances)
             q = count
             while q > 0 and worst < key[q - 1]:
                 key[q] = key[q - 1]
@@ -208,7 +208,6 @@ cdef Py_ssize_t _least_blocks(double* totals, Py_ssize_t n, i64 k, Py_ssize_t tr
         elif count == 1 or worst < second:
             out[1], second = g0, worst
             count = 2
-    free(key)
     return count if count < tries else tries
 
 
