@@ -25,13 +25,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from itertools import compress
 
-from flashcp_planner.errors import InvalidRequest
-from flashcp_planner.model import KVTransfer, RankCost, Segment, Segments
+import numpy as np
 
-__all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "lower_bound_ms"]
+from flashcp_planner.errors import InvalidRequest
+from flashcp_planner.model import KVTransfer, RankColumns, RankCost, Segment, Segments, int64_array
+
+__all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "rank_costs_of_columns", "lower_bound_ms"]
 
 _WHOLE_CACHE_SIZE = 1 << 16
 """Distinct document lengths memoised per cost model (bounded memory in long-running services)."""
+_WHOLE_TABLE_SIZE = 1 << 20
+"""Largest dense memo of ``attention_ms(0, end)`` by ``end`` (8 MiB of float64); longer ends use the dict memo."""
+_TABLE_FROM = 1024
+"""Lengths looked up at once from which :meth:`CostModel.whole_attention_ms` uses the dense memo."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +92,8 @@ class CostModel:
     _whole_cache: dict[int, float] = field(init=False, repr=False, compare=False, default_factory=dict)
     """Memo of ``attention_ms(0, length)`` (a pure function of the constants): whole documents are scored by
     the strategies and again by the evaluator, and lengths recur across micro-batches."""
+    _whole_table: np.ndarray = field(init=False, repr=False, compare=False, default_factory=lambda: np.empty(0))
+    """The same memo for bulk lookups: entry ``end`` holds ``attention_ms(0, end)``, NaN where not computed yet."""
 
     def __getstate__(self) -> dict[str, object]:
         """Pickles the constants only: the memo can be large and is rebuilt on use (solver processes)."""
@@ -95,6 +103,7 @@ class CostModel:
         for name, value in state.items():
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_whole_cache", {})
+        object.__setattr__(self, "_whole_table", np.empty(0))
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -215,14 +224,52 @@ class CostModel:
 
     def whole_attention_ms(self, lengths: Sequence[int]) -> list[float]:
         """``[attention_ms(0, length) for length in lengths]`` (same floats), through the memo in bulk."""
+        if len(lengths) >= _TABLE_FROM:
+            try:
+                return self.whole_attention_array(int64_array(lengths)).tolist()
+            except OverflowError:
+                return [self.attention_ms(0, length) for length in lengths]
         cache = self._whole_cache
+        try:
+            return list(map(cache.__getitem__, lengths))
+        except KeyError:
+            pass
         missing = set(lengths).difference(cache)
         if len(cache) + len(missing) > _WHOLE_CACHE_SIZE:
             return [self.attention_ms(0, length) for length in lengths]
-        if missing:
-            ordered = sorted(missing)
-            cache.update(zip(ordered, self.attention_ms_of([(0, length) for length in ordered]), strict=True))
+        ordered = sorted(missing)
+        cache.update(zip(ordered, self.attention_ms_of([(0, length) for length in ordered]), strict=True))
         return list(map(cache.__getitem__, lengths))
+
+    def whole_attention_array(self, ends: np.ndarray) -> np.ndarray:
+        """``attention_ms(0, end)`` for every entry of the int64 array ``ends``, as float64 (the same floats).
+
+        Looked up in a dense table indexed by ``end`` (grown to the largest end seen, up to
+        ``_WHOLE_TABLE_SIZE``); missing entries are computed once with :meth:`attention_ms_of`.
+        Ends outside the table go through :meth:`attention_ms` one by one.
+        """
+        if not len(ends):
+            return np.empty(0)
+        inside = (ends >= 0) & (ends < _WHOLE_TABLE_SIZE)
+        if not inside.all():
+            out = np.empty(len(ends))
+            out[inside] = self.whole_attention_array(ends[inside])
+            out[~inside] = [self.attention_ms(0, end) for end in ends[~inside].tolist()]
+            return out
+        table = self._whole_table
+        top = int(ends.max())
+        if top >= len(table):
+            grown = np.full(min(_WHOLE_TABLE_SIZE, max(2 * len(table), 1 << (top + 1).bit_length())), np.nan)
+            grown[:len(table)] = table
+            object.__setattr__(self, "_whole_table", grown)  # readers of the old table stay valid
+            table = grown
+        out = table[ends]
+        missing = np.isnan(out)
+        if missing.any():
+            new = np.unique(ends[missing])
+            table[new] = self.attention_ms_of([(0, end) for end in new.tolist()])
+            out = table[ends]
+        return out
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""
@@ -289,27 +336,13 @@ def rank_costs_of_traffic(
     overlap = cost_model.overlap_fraction
     link_ms = cost_model.link_ms
     for r, segments in enumerate(rank_segments):
-        local_ms: list[float] = []
-        remote_ms: list[float] = []
-        tokens = 0
-        if segments:
-            columns = Segments.of(segments)
-            docs, starts, ends = columns.docs, columns.starts, columns.ends
-            tokens = sum(ends) - sum(starts)
-            from_zero = list(map(operator.not_, starts))
-            zero_ends = list(compress(ends, from_zero))
-            local_ms = cost_model.whole_attention_ms(zero_ends)
-            prefix = dict(zip(compress(docs, from_zero), zero_ends, strict=True))  # doc -> end of its keys from 0
-            later = list(compress(zip(docs, starts, ends, strict=True), starts))  # pieces not from token 0
-            later_ms = cost_model.attention_ms_of([(start, end) for _, start, end in later])
-            for (doc, start, end), ms in zip(later, later_ms, strict=True):  # (doc, start) order
-                if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
-                    prefix[doc] = end
-                    local_ms.append(ms)
-                else:
-                    remote_ms.append(ms)
+        columns = Segments.of(segments)
+        if any(columns.starts):
+            tokens, local_ms, remote_ms = _local_and_remote_ms(columns, cost_model)
+        else:  # whole documents and head chunks only: all local
+            tokens, local_ms, remote_ms = sum(columns.ends), cost_model.whole_attention_ms(columns.ends), []
         local_attention = math.fsum(local_ms)
-        attention = math.fsum(local_ms + remote_ms)
+        attention = math.fsum(local_ms + remote_ms) if remote_ms else local_attention
         (ri, rx), (si, sx) = recv[r], send[r]
         comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
         exposed = max(0.0, comm - overlap * local_attention)
@@ -327,9 +360,116 @@ def rank_costs_of_traffic(
     return tuple(costs)
 
 
-def lower_bound_ms(doc_lengths: Sequence[int], cp_size: int, cost_model: CostModel) -> float:
-    """Perfect balance, full kernel efficiency, no exposed communication."""
-    pairs = sum(map(operator.mul, doc_lengths, map((1).__add__, doc_lengths))) // 2
+def _local_and_remote_ms(columns: Segments, cost_model: CostModel) -> tuple[int, list[float], list[float]]:
+    """Tokens of one rank's segments (in ``(doc, start)`` order) and the attention of those whose keys
+    the rank holds from token 0 (local) and of the others (remote)."""
+    docs, starts, ends = columns.docs, columns.starts, columns.ends
+    from_zero = list(map(operator.not_, starts))
+    zero_ends = list(compress(ends, from_zero))
+    local_ms = cost_model.whole_attention_ms(zero_ends)
+    remote_ms = []
+    prefix = dict(zip(compress(docs, from_zero), zero_ends, strict=True))  # doc -> end of its keys from 0
+    later = list(compress(zip(docs, starts, ends, strict=True), starts))  # pieces not from token 0
+    later_ms = cost_model.attention_ms_of([(start, end) for _, start, end in later])
+    for (doc, start, end), ms in zip(later, later_ms, strict=True):
+        if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
+            prefix[doc] = end
+            local_ms.append(ms)
+        else:
+            remote_ms.append(ms)
+    return sum(ends) - sum(starts), local_ms, remote_ms
+
+
+def rank_costs_of_columns(
+    columns: RankColumns,
+    recv: Sequence[Sequence[int]],
+    send: Sequence[Sequence[int]],
+    cost_model: CostModel,
+) -> tuple[RankCost, ...]:
+    """:func:`rank_costs_of_traffic` of segments given as columns: the same floats, in array passes.
+
+    Every segment's attention comes from the same scalar formula (segments from token 0 through the
+    dense whole-document memo); the per-rank sums stay :func:`math.fsum`, so only how the terms are
+    gathered changes. A segment is local when the rank holds its document's keys from token 0 on:
+    its run of contiguous pieces of that document on the rank starts at token 0.
+    """
+    starts, ends, bounds = columns.starts, columns.ends, columns.bounds
+    later = np.flatnonzero(starts)  # rows not from token 0
+    local: list[bool] = []
+    remote_upto = [0] * len(bounds)  # remote rows before each rank boundary
+    if len(later):
+        ms = np.empty(len(starts))
+        from_zero = starts == 0
+        ms[from_zero] = cost_model.whole_attention_array(ends[from_zero])
+        ms[later] = cost_model.attention_ms_of(list(zip(starts[later].tolist(), ends[later].tolist(), strict=True)))
+        local_rows = _local_rows(columns)
+        remote_upto = np.searchsorted(np.flatnonzero(~local_rows), bounds).tolist()
+        local = local_rows.tolist()
+    else:
+        ms = cost_model.whole_attention_array(ends)
+    ms_view = memoryview(ms)  # fsum reads Python floats from it, without a list of them
+    tokens = columns.tokens()
+    kv = cost_model.kv_bytes_per_token
+    lin = cost_model.linear_ms_per_token
+    overlap = cost_model.overlap_fraction
+    link_ms = cost_model.link_ms
+    costs = []
+    for r in range(len(bounds) - 1):
+        a, b = bounds[r], bounds[r + 1]
+        attention = math.fsum(ms_view[a:b])
+        local_attention = attention
+        if remote_upto[r] != remote_upto[r + 1]:
+            local_attention = math.fsum(compress(ms_view[a:b], local[a:b]))
+        (ri, rx), (si, sx) = recv[r], send[r]
+        comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
+        exposed = max(0.0, comm - overlap * local_attention)
+        costs.append(
+            RankCost(
+                tokens=tokens[r],
+                linear_ms=tokens[r] * lin,
+                attention_ms=attention,
+                comm_ms=comm,
+                exposed_comm_ms=exposed,
+                recv_bytes=(ri + rx) * kv,
+                send_bytes=(si + sx) * kv,
+            )
+        )
+    return tuple(costs)
+
+
+def _local_rows(columns: RankColumns) -> np.ndarray:
+    """Per row, whether its run of contiguous pieces of one document on one rank starts at token 0."""
+    docs, starts, ends = columns.docs, columns.starts, columns.ends
+    continues = np.zeros(len(docs), dtype=bool)  # row i extends row i - 1 (same rank, same document)
+    continues[1:] = (docs[1:] == docs[:-1]) & (starts[1:] == ends[:-1])
+    continues[np.asarray(columns.bounds[:-1])[np.diff(columns.bounds) > 0]] = False  # a rank's first row
+    run = np.cumsum(~continues) - 1
+    return (starts[~continues] == 0)[run]
+
+
+def lower_bound_ms(doc_lengths: Sequence[int] | np.ndarray, cp_size: int, cost_model: CostModel) -> float:
+    """Perfect balance, full kernel efficiency, no exposed communication.
+
+    ``doc_lengths`` may be an int64 array (the same result, without converting the lengths again).
+    """
+    pairs, tokens = _pairs_and_tokens(doc_lengths)
     attention = cost_model.attention_ideal_ms_of_pairs(pairs)
-    linear = sum(doc_lengths) * cost_model.linear_ms_per_token
+    linear = tokens * cost_model.linear_ms_per_token
     return (attention + linear) / cp_size
+
+
+def _pairs_and_tokens(doc_lengths: Sequence[int] | np.ndarray) -> tuple[int, int]:
+    """``(sum(causal_pairs(0, length)), sum(doc_lengths))``, exactly: in int64 where no sum can overflow."""
+    lengths = doc_lengths if isinstance(doc_lengths, np.ndarray) else None
+    if lengths is None and len(doc_lengths) >= _ARRAY_FROM:
+        lengths = int64_array(doc_lengths)
+    if lengths is not None and len(lengths):
+        low, high = int(lengths.min()), int(lengths.max())
+        if low >= 0 and len(lengths) * high * (high + 1) < 2**63:
+            return int((lengths * (lengths + 1)).sum()) // 2, int(lengths.sum())
+    values = doc_lengths.tolist() if isinstance(doc_lengths, np.ndarray) else doc_lengths
+    return sum(map(operator.mul, values, map((1).__add__, values))) // 2, sum(values)
+
+
+_ARRAY_FROM = 2048
+"""Sequences of at least this many lengths are summed as an array (fewer: the conversion costs more)."""
