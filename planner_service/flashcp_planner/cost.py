@@ -23,7 +23,7 @@ import operator
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from itertools import compress
+from itertools import chain, compress
 
 import numpy as np
 
@@ -230,15 +230,13 @@ class CostModel:
             except OverflowError:
                 return [self.attention_ms(0, length) for length in lengths]
         cache = self._whole_cache
-        try:
-            return list(map(cache.__getitem__, lengths))
-        except KeyError:
-            pass
-        missing = set(lengths).difference(cache)
+        values = list(map(cache.get, lengths))
+        if None not in values:
+            return values
+        missing = sorted({length for length, value in zip(lengths, values, strict=True) if value is None})
         if len(cache) + len(missing) > _WHOLE_CACHE_SIZE:
             return [self.attention_ms(0, length) for length in lengths]
-        ordered = sorted(missing)
-        cache.update(zip(ordered, self.attention_ms_of([(0, length) for length in ordered]), strict=True))
+        cache.update(zip(missing, self.attention_ms_of([(0, length) for length in missing]), strict=True))
         return list(map(cache.__getitem__, lengths))
 
     def whole_attention_array(self, ends: np.ndarray) -> np.ndarray:
@@ -330,19 +328,17 @@ def rank_costs_of_traffic(
     Python version's ``sum``). Segments from token 0 (whole documents, head chunks) are scored in
     bulk through the whole-document memo; the others one by one.
     """
+    columns = [Segments.of(segments) for segments in rank_segments]
+    local_ms, remote_ms = _attention_terms(columns, cost_model)
     kv = cost_model.kv_bytes_per_token
     costs = []
     lin = cost_model.linear_ms_per_token
     overlap = cost_model.overlap_fraction
     link_ms = cost_model.link_ms
-    for r, segments in enumerate(rank_segments):
-        columns = Segments.of(segments)
-        if any(columns.starts):
-            tokens, local_ms, remote_ms = _local_and_remote_ms(columns, cost_model)
-        else:  # whole documents and head chunks only: all local
-            tokens, local_ms, remote_ms = sum(columns.ends), cost_model.whole_attention_ms(columns.ends), []
-        local_attention = math.fsum(local_ms)
-        attention = math.fsum(local_ms + remote_ms) if remote_ms else local_attention
+    for r, segments in enumerate(columns):
+        tokens = sum(segments.ends) - sum(segments.starts)
+        local_attention = math.fsum(local_ms[r])
+        attention = math.fsum(local_ms[r] + remote_ms[r]) if remote_ms[r] else local_attention
         (ri, rx), (si, sx) = recv[r], send[r]
         comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
         exposed = max(0.0, comm - overlap * local_attention)
@@ -360,24 +356,34 @@ def rank_costs_of_traffic(
     return tuple(costs)
 
 
-def _local_and_remote_ms(columns: Segments, cost_model: CostModel) -> tuple[int, list[float], list[float]]:
-    """Tokens of one rank's segments (in ``(doc, start)`` order) and the attention of those whose keys
-    the rank holds from token 0 (local) and of the others (remote)."""
-    docs, starts, ends = columns.docs, columns.starts, columns.ends
-    from_zero = list(map(operator.not_, starts))
-    zero_ends = list(compress(ends, from_zero))
-    local_ms = cost_model.whole_attention_ms(zero_ends)
-    remote_ms = []
-    prefix = dict(zip(compress(docs, from_zero), zero_ends, strict=True))  # doc -> end of its keys from 0
-    later = list(compress(zip(docs, starts, ends, strict=True), starts))  # pieces not from token 0
-    later_ms = cost_model.attention_ms_of([(start, end) for _, start, end in later])
-    for (doc, start, end), ms in zip(later, later_ms, strict=True):
-        if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
-            prefix[doc] = end
-            local_ms.append(ms)
-        else:
-            remote_ms.append(ms)
-    return sum(ends) - sum(starts), local_ms, remote_ms
+def _attention_terms(columns: Sequence[Segments], cost_model: CostModel) -> tuple[list[list[float]], list[list[float]]]:
+    """Per rank (segments in ``(doc, start)`` order), the attention of the segments whose keys it holds
+    from token 0 (local) and of the others (remote). Segments from token 0 are scored in one memo
+    lookup, the others in one pass of the formula, for all ranks at once."""
+    mixed = [any(segments.starts) for segments in columns]  # ranks with pieces not from token 0
+    zero_ends = [list(compress(c.ends, map(operator.not_, c.starts))) if m else c.ends
+                 for c, m in zip(columns, mixed, strict=True)]
+    later = [list(compress(zip(c.docs, c.starts, c.ends, strict=True), c.starts)) if m else []
+             for c, m in zip(columns, mixed, strict=True)]
+    whole_ms = cost_model.whole_attention_ms(list(chain.from_iterable(zero_ends)))
+    later_ms = iter(cost_model.attention_ms_of([(start, end) for rows in later for _, start, end in rows])
+                    if any(mixed) else ())
+    local, remote = [], []
+    at = 0
+    for c, ends, rows in zip(columns, zero_ends, later, strict=True):
+        local_ms, remote_ms = whole_ms[at:at + len(ends)], []
+        at += len(ends)
+        if rows:
+            prefix = dict(zip(compress(c.docs, map(operator.not_, c.starts)), ends, strict=True))  # doc -> keys from 0
+            for doc, start, end in rows:
+                if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
+                    prefix[doc] = end
+                    local_ms.append(next(later_ms))
+                else:
+                    remote_ms.append(next(later_ms))
+        local.append(local_ms)
+        remote.append(remote_ms)
+    return local, remote
 
 
 def rank_costs_of_columns(
@@ -395,18 +401,13 @@ def rank_costs_of_columns(
     """
     starts, ends, bounds = columns.starts, columns.ends, columns.bounds
     later = np.flatnonzero(starts)  # rows not from token 0
-    local: list[bool] = []
-    remote_upto = [0] * len(bounds)  # remote rows before each rank boundary
+    ms = cost_model.whole_attention_array(ends)  # right for the rows from token 0; the others next
+    local = np.ones(len(ms), dtype=bool)
     if len(later):
-        ms = np.empty(len(starts))
-        from_zero = starts == 0
-        ms[from_zero] = cost_model.whole_attention_array(ends[from_zero])
         ms[later] = cost_model.attention_ms_of(list(zip(starts[later].tolist(), ends[later].tolist(), strict=True)))
-        local_rows = _local_rows(columns)
-        remote_upto = np.searchsorted(np.flatnonzero(~local_rows), bounds).tolist()
-        local = local_rows.tolist()
-    else:
-        ms = cost_model.whole_attention_array(ends)
+        local[later] = _later_rows_local(columns, later)
+    remote_upto = np.searchsorted(np.flatnonzero(~local), bounds).tolist()  # remote rows before each rank
+    local_list = local.tolist() if remote_upto[-1] else []
     ms_view = memoryview(ms)  # fsum reads Python floats from it, without a list of them
     tokens = columns.tokens()
     kv = cost_model.kv_bytes_per_token
@@ -419,7 +420,7 @@ def rank_costs_of_columns(
         attention = math.fsum(ms_view[a:b])
         local_attention = attention
         if remote_upto[r] != remote_upto[r + 1]:
-            local_attention = math.fsum(compress(ms_view[a:b], local[a:b]))
+            local_attention = math.fsum(compress(ms_view[a:b], local_list[a:b]))
         (ri, rx), (si, sx) = recv[r], send[r]
         comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
         exposed = max(0.0, comm - overlap * local_attention)
@@ -437,14 +438,17 @@ def rank_costs_of_columns(
     return tuple(costs)
 
 
-def _local_rows(columns: RankColumns) -> np.ndarray:
-    """Per row, whether its run of contiguous pieces of one document on one rank starts at token 0."""
+def _later_rows_local(columns: RankColumns, later: np.ndarray) -> np.ndarray:
+    """Whether each row of ``later`` (rows not from token 0) is local: its run of contiguous pieces of
+    one document on one rank starts at token 0."""
     docs, starts, ends = columns.docs, columns.starts, columns.ends
-    continues = np.zeros(len(docs), dtype=bool)  # row i extends row i - 1 (same rank, same document)
-    continues[1:] = (docs[1:] == docs[:-1]) & (starts[1:] == ends[:-1])
-    continues[np.asarray(columns.bounds[:-1])[np.diff(columns.bounds) > 0]] = False  # a rank's first row
-    run = np.cumsum(~continues) - 1
-    return (starts[~continues] == 0)[run]
+    bounds = np.asarray(columns.bounds)
+    first_of_rank = bounds[np.searchsorted(bounds, later, side="right") - 1] == later
+    extends = ~first_of_rank & (docs[later - 1] == docs[later]) & (ends[later - 1] == starts[later])
+    chained = np.zeros(len(later), dtype=bool)  # extends a later row: same run as the row before it
+    chained[1:] = extends[1:] & (later[1:] - 1 == later[:-1])
+    head = ~chained  # the first later row of each run: local iff it extends a row from token 0
+    return extends[head][np.cumsum(head) - 1]
 
 
 def lower_bound_ms(doc_lengths: Sequence[int] | np.ndarray, cp_size: int, cost_model: CostModel) -> float:
