@@ -131,7 +131,7 @@ def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int)
     rows = np.flatnonzero(split[docs])  # the pieces of split documents
     rank = np.searchsorted(columns.bounds, rows, side="right") - 1
     exact = comm is CommMode.EXACT_NEED
-    if len(rows) <= FEW_PIECES:
+    if len(rows) <= _FEW_PIECES:
         owners: dict[int, list[tuple[int, int, int]]] = {}
         for doc, start, end, r in zip(docs[rows].tolist(), columns.starts[rows].tolist(), columns.ends[rows].tolist(),
                                       rank.tolist(), strict=True):
@@ -150,7 +150,7 @@ def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int)
     return recv_send[0].tolist(), recv_send[1].tolist()
 
 
-FEW_PIECES = 256
+_FEW_PIECES = 256
 """Split-document pieces up to which :func:`traffic_of_columns` sums piece by piece (array passes
 cost more below)."""
 
@@ -180,36 +180,36 @@ class _Pieces:
     def add_traffic(self, recv_send: np.ndarray, *, exact: bool, num_nodes: int) -> None:
         """Add every holder's received and every piece's sent tokens to ``recv_send[0 / 1][rank]``."""
         doc, rank, node, length, index = self.doc, self.rank, self.node, self.length, self.index
-        # Holders: (document, rank) groups; each one's last piece (``need`` under EXACT_NEED) and tokens.
+        # Holders: (document, rank) groups, by (document, rank); each one's last piece and its tokens.
         by_holder = np.lexsort((index, rank, doc))
         last = np.ones(len(doc), dtype=bool)
         last[:-1] = (doc[by_holder][1:] != doc[by_holder][:-1]) | (rank[by_holder][1:] != rank[by_holder][:-1])
-        holder_last = by_holder[last]  # a holder's last piece, holders by (document, rank)
+        holder_last = by_holder[last]
         own = np.diff(np.concatenate([[0], np.cumsum(length[by_holder])[last]]))
-        # Keys read up to each piece: in its document, and in its document on its node (and in all).
+        # Keys read up to each piece: in its document, and in its document on its node.
         upto_doc, _ = _group_sums(length, doc)
         by_node = np.lexsort((index, node, doc))
         upto_node, node_total = np.empty_like(length), np.empty_like(length)
         upto_node[by_node], node_total[by_node] = _group_sums(length[by_node], doc[by_node] * num_nodes + node[by_node])
         if exact:  # the holder reads up to its own last piece, which lies on its own node
-            read_at = holder_last
-            same = upto_node[holder_last]
+            read_at, same = holder_last, upto_node[holder_last]
         else:  # every holder reads its whole document
-            read_at = (np.append(self.doc_first[1:], len(doc)) - 1)[doc[holder_last]]
-            same = node_total[holder_last]
-        need = index[read_at]
-        total = upto_doc[read_at]
-        holders = rank[holder_last]
-        np.add.at(recv_send[0], (holders, 0), same - own)
-        np.add.at(recv_send[0], (holders, 1), total - same)
-        # Readers of each piece: holders of its document (and of its node) with need >= its index.
+            read_at, same = (np.append(self.doc_first[1:], len(doc)) - 1)[doc[holder_last]], node_total[holder_last]
+        np.add.at(recv_send[0], (rank[holder_last], 0), same - own)
+        np.add.at(recv_send[0], (rank[holder_last], 1), upto_doc[read_at] - same)
+        self._add_sent(recv_send[1], holder_last, index[read_at], num_nodes)
+
+    def _add_sent(self, send: np.ndarray, holder_last: np.ndarray, need: np.ndarray, num_nodes: int) -> None:
+        """Add every piece's sent tokens: its length times its readers other than its owner, the
+        holders of its document (on its node, off it) whose ``need`` reaches its index."""
+        doc, node, span = self.doc, self.node, self.span
         holder_doc, holder_node = doc[holder_last], node[holder_last]
-        readers = _count_at_least(holder_doc * self.span + need, doc * self.span + index, doc * self.span + self.span)
-        node_key = (holder_doc * num_nodes + holder_node) * self.span
-        piece_key = (doc * num_nodes + node) * self.span
-        same_readers = _count_at_least(node_key + need, piece_key + index, piece_key + self.span)
-        np.add.at(recv_send[1], (rank, 0), length * (same_readers - 1))  # the owner reads its own piece
-        np.add.at(recv_send[1], (rank, 1), length * (readers - same_readers))
+        readers = _count_at_least(holder_doc * span + need, doc * span + self.index, doc * span + span)
+        node_key = (holder_doc * num_nodes + holder_node) * span
+        piece_key = (doc * num_nodes + node) * span
+        same_readers = _count_at_least(node_key + need, piece_key + self.index, piece_key + span)
+        np.add.at(send, (self.rank, 0), self.length * (same_readers - 1))  # the owner reads its own piece
+        np.add.at(send, (self.rank, 1), self.length * (readers - same_readers))
 
 
 def _group_sums(values: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

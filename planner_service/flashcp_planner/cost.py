@@ -464,7 +464,7 @@ def lower_bound_ms(doc_lengths: Sequence[int] | np.ndarray, cp_size: int, cost_m
 
 def _pairs_and_tokens(doc_lengths: Sequence[int] | np.ndarray) -> tuple[int, int]:
     """``(sum(causal_pairs(0, length)), sum(doc_lengths))``, exactly: in int64 where no sum can overflow."""
-    lengths = doc_lengths if isinstance(doc_lengths, np.ndarray) else None
+    lengths = doc_lengths.astype(np.int64, copy=False) if isinstance(doc_lengths, np.ndarray) else None
     if lengths is None and len(doc_lengths) >= _ARRAY_FROM:
         lengths = int64_array(doc_lengths)
     if lengths is not None and len(lengths):

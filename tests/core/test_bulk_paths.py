@@ -89,7 +89,7 @@ def _random_layout(rng: random.Random, n: int) -> list[Segments]:
 
 @pytest.mark.parametrize("few_pieces", [0, 10**9])
 def test_columns_evaluation_equals_the_segment_by_segment_reference(monkeypatch, few_pieces):
-    monkeypatch.setattr(comm_module, "FEW_PIECES", few_pieces)
+    monkeypatch.setattr(comm_module, "_FEW_PIECES", few_pieces)
     rng = random.Random(11)
     for trial in range(120):
         n = rng.choice([1, 2, 3, 8, 16])
