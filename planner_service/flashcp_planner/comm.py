@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import chain, compress
 
-from flashcp_planner.model import CommMode, KVTransfer, Plan, Segment, Segments
+import numpy as np
+
+from flashcp_planner.model import CommMode, KVTransfer, Plan, RankColumns, Segment, Segments
 
 _new = tuple.__new__
 """Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
 
-__all__ = ["derive_transfers", "kv_transfers", "transfers_and_traffic"]
+__all__ = ["derive_transfers", "kv_transfers", "traffic_of_columns", "transfers_and_traffic"]
 
 
 Traffic = list[list[int]]
@@ -55,17 +57,7 @@ def transfers_and_traffic(
             incoming.sort(key=_doc_start_src)
             transfers.extend(incoming)
         held = [sum(end - start for _, start, end in segments) for segments in rank_segments]
-        node_tokens: dict[int, int] = {}
-        node_size: dict[int, int] = {}
-        for r, tokens in enumerate(held):
-            node_tokens[r // gpn] = node_tokens.get(r // gpn, 0) + tokens
-            node_size[r // gpn] = node_size.get(r // gpn, 0) + 1
-        total = sum(held)
-        for r, tokens in enumerate(held):
-            node = r // gpn
-            recv[r] = [node_tokens[node] - tokens, total - node_tokens[node]]
-            send[r] = [tokens * (node_size[node] - 1), tokens * (n - node_size[node])]
-        return tuple(transfers), recv, send
+        return (tuple(transfers), *_all_gather_traffic(held, gpn))
     # Documents with a segment not starting at token 0 (found in C): in a layout covering every
     # document once, exactly those held in several pieces. Pieces on one rank only yield no transfer.
     columns = [Segments.of(segments) for segments in rank_segments]
@@ -81,12 +73,7 @@ def transfers_and_traffic(
     by_dst: list[list[KVTransfer]] = [[] for _ in range(n)]
     for doc, owned in owners.items():  # docs ascending, so every dst list ends up sorted by (doc, start)
         owned.sort()
-        last = len(owned) - 1
-        need: dict[int, int] = {}  # holder -> index of the last piece it reads
-        own: dict[int, int] = {}  # holder -> its tokens of the document
-        for index, (start, end, rank) in enumerate(owned):
-            need[rank] = index if exact else last
-            own[rank] = own.get(rank, 0) + end - start
+        need, own = _holders(owned, exact)
         for dst, upto in need.items() if list_transfers else ():
             # Pieces are disjoint and cover the document, so every piece before dst's last one lies
             # entirely below dst's need: exact-need transfers never cut a piece.
@@ -94,6 +81,153 @@ def transfers_and_traffic(
                             for start, end, src in owned[:upto + 1] if src != dst]
         _doc_traffic(owned, need, own, gpn, recv, send)
     return tuple(t for out in by_dst for t in out), recv, send
+
+
+def _all_gather_traffic(held: Sequence[int], gpn: int) -> tuple[Traffic, Traffic]:
+    """``ALL_GATHER`` traffic in closed form from the tokens every rank holds."""
+    n = len(held)
+    node_tokens: dict[int, int] = {}
+    node_size: dict[int, int] = {}
+    for r, tokens in enumerate(held):
+        node_tokens[r // gpn] = node_tokens.get(r // gpn, 0) + tokens
+        node_size[r // gpn] = node_size.get(r // gpn, 0) + 1
+    total = sum(held)
+    recv, send = [], []
+    for r, tokens in enumerate(held):
+        node = r // gpn
+        recv.append([node_tokens[node] - tokens, total - node_tokens[node]])
+        send.append([tokens * (node_size[node] - 1), tokens * (n - node_size[node])])
+    return recv, send
+
+
+def _holders(owned: list[tuple[int, int, int]], exact: bool) -> tuple[dict[int, int], dict[int, int]]:
+    """Per holder of a document's sorted pieces ``(start, end, rank)``: the index of the last piece it
+    reads (its own last one under ``EXACT_NEED``, else the document's last), and its tokens."""
+    last = len(owned) - 1
+    need: dict[int, int] = {}
+    own: dict[int, int] = {}
+    for index, (start, end, rank) in enumerate(owned):
+        need[rank] = index if exact else last
+        own[rank] = own.get(rank, 0) + end - start
+    return need, own
+
+
+def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int) -> tuple[Traffic, Traffic]:
+    """The ``recv`` and ``send`` of :func:`transfers_and_traffic` (the same integers) from columns.
+
+    A few pieces of split documents are summed piece by piece as there (:func:`_doc_traffic`); many
+    in array passes (:meth:`_Pieces.add_traffic`, the closed form of the same sums).
+    """
+    n = columns.num_ranks
+    if comm is CommMode.ALL_GATHER:
+        return _all_gather_traffic(columns.tokens(), gpus_per_node)
+    recv = [[0, 0] for _ in range(n)]
+    send = [[0, 0] for _ in range(n)]
+    docs, later = columns.docs, np.flatnonzero(columns.starts)
+    if not len(later):
+        return recv, send
+    split = np.zeros(int(docs.max()) + 1, dtype=bool)
+    split[docs[later]] = True
+    rows = np.flatnonzero(split[docs])  # the pieces of split documents
+    rank = np.searchsorted(columns.bounds, rows, side="right") - 1
+    exact = comm is CommMode.EXACT_NEED
+    if len(rows) <= _FEW_PIECES:
+        owners: dict[int, list[tuple[int, int, int]]] = {}
+        for doc, start, end, r in zip(docs[rows].tolist(), columns.starts[rows].tolist(), columns.ends[rows].tolist(),
+                                      rank.tolist(), strict=True):
+            owners.setdefault(doc, []).append((start, end, r))
+        for owned in owners.values():
+            owned.sort()
+            _doc_traffic(owned, *_holders(owned, exact), gpus_per_node, recv, send)
+        return recv, send
+    pieces = _Pieces.of(columns, rows, rank, gpus_per_node)
+    num_nodes = (n - 1) // gpus_per_node + 1
+    if pieces.span * num_nodes * pieces.num_docs >= 2**62 or pieces.tokens * n >= 2**62:  # int64 keys, sums
+        _, recv, send = transfers_and_traffic(columns.segments(), comm, gpus_per_node, list_transfers=False)
+        return recv, send
+    recv_send = np.zeros((2, n, 2), dtype=np.int64)
+    pieces.add_traffic(recv_send, exact=exact, num_nodes=num_nodes)
+    return recv_send[0].tolist(), recv_send[1].tolist()
+
+
+_FEW_PIECES = 256
+"""Split-document pieces up to which :func:`traffic_of_columns` sums piece by piece (array passes
+cost more below)."""
+
+
+class _Pieces:
+    """The pieces of split documents as arrays, by document then ``(start, end, rank)``, as
+    :func:`transfers_and_traffic` orders them; ``index`` is a piece's position in its document."""
+
+    def __init__(self, doc: np.ndarray, length: np.ndarray, rank: np.ndarray, gpn: int) -> None:
+        self.rank, self.length, self.node = rank, length, rank // gpn
+        first = np.ones(len(doc), dtype=bool)
+        first[1:] = doc[1:] != doc[:-1]
+        self.doc = np.cumsum(first) - 1  # documents renumbered 0, 1, ...
+        self.doc_first = np.flatnonzero(first)
+        self.num_docs = len(self.doc_first)
+        self.index = np.arange(len(doc)) - self.doc_first[self.doc]
+        self.span = int(self.index.max()) + 1  # more than any index
+        self.tokens = int(length.sum())
+
+    @classmethod
+    def of(cls, columns: RankColumns, rows: np.ndarray, rank: np.ndarray, gpn: int) -> _Pieces:
+        """The pieces in ``rows`` of ``columns``, held by ``rank``."""
+        doc, start, end = columns.docs[rows], columns.starts[rows], columns.ends[rows]
+        order = np.lexsort((rank, end, start, doc))
+        return cls(doc[order], (end - start)[order], rank[order], gpn)
+
+    def add_traffic(self, recv_send: np.ndarray, *, exact: bool, num_nodes: int) -> None:
+        """Add every holder's received and every piece's sent tokens to ``recv_send[0 / 1][rank]``."""
+        doc, rank, node, length, index = self.doc, self.rank, self.node, self.length, self.index
+        # Holders: (document, rank) groups, by (document, rank); each one's last piece and its tokens.
+        by_holder = np.lexsort((index, rank, doc))
+        last = np.ones(len(doc), dtype=bool)
+        last[:-1] = (doc[by_holder][1:] != doc[by_holder][:-1]) | (rank[by_holder][1:] != rank[by_holder][:-1])
+        holder_last = by_holder[last]
+        own = np.diff(np.concatenate([[0], np.cumsum(length[by_holder])[last]]))
+        # Keys read up to each piece: in its document, and in its document on its node.
+        upto_doc, _ = _group_sums(length, doc)
+        by_node = np.lexsort((index, node, doc))
+        upto_node, node_total = np.empty_like(length), np.empty_like(length)
+        upto_node[by_node], node_total[by_node] = _group_sums(length[by_node], doc[by_node] * num_nodes + node[by_node])
+        if exact:  # the holder reads up to its own last piece, which lies on its own node
+            read_at, same = holder_last, upto_node[holder_last]
+        else:  # every holder reads its whole document
+            read_at, same = (np.append(self.doc_first[1:], len(doc)) - 1)[doc[holder_last]], node_total[holder_last]
+        np.add.at(recv_send[0], (rank[holder_last], 0), same - own)
+        np.add.at(recv_send[0], (rank[holder_last], 1), upto_doc[read_at] - same)
+        self._add_sent(recv_send[1], holder_last, index[read_at], num_nodes)
+
+    def _add_sent(self, send: np.ndarray, holder_last: np.ndarray, need: np.ndarray, num_nodes: int) -> None:
+        """Add every piece's sent tokens: its length times its readers other than its owner, the
+        holders of its document (on its node, off it) whose ``need`` reaches its index."""
+        doc, node, span = self.doc, self.node, self.span
+        holder_doc, holder_node = doc[holder_last], node[holder_last]
+        readers = _count_at_least(holder_doc * span + need, doc * span + self.index, doc * span + span)
+        node_key = (holder_doc * num_nodes + holder_node) * span
+        piece_key = (doc * num_nodes + node) * span
+        same_readers = _count_at_least(node_key + need, piece_key + self.index, piece_key + span)
+        np.add.at(send, (self.rank, 0), self.length * (same_readers - 1))  # the owner reads its own piece
+        np.add.at(send, (self.rank, 1), self.length * (readers - same_readers))
+
+
+def _group_sums(values: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the inclusive running sum of ``values`` within its run of equal ``group`` keys, and
+    the run's total (rows grouped already)."""
+    total = np.cumsum(values)
+    first = np.ones(len(group), dtype=bool)
+    first[1:] = group[1:] != group[:-1]
+    run = np.cumsum(first) - 1
+    before = (total - values)[first]  # running sum before each run
+    run_end = np.append(before[1:], total[-1])
+    return total - before[run], (run_end - before)[run]
+
+
+def _count_at_least(keys: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """For every query, how many ``keys`` lie in ``[low, high)``."""
+    ordered = np.sort(keys)
+    return np.searchsorted(ordered, high) - np.searchsorted(ordered, low)
 
 
 def _doc_traffic(owned: list[tuple[int, int, int]], need: dict[int, int], own: dict[int, int], gpn: int,

@@ -23,15 +23,21 @@ import operator
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from itertools import compress
+from itertools import chain, compress
+
+import numpy as np
 
 from flashcp_planner.errors import InvalidRequest
-from flashcp_planner.model import KVTransfer, RankCost, Segment, Segments
+from flashcp_planner.model import KVTransfer, RankColumns, RankCost, Segment, Segments, int64_array
 
-__all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "lower_bound_ms"]
+__all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "rank_costs_of_columns", "lower_bound_ms"]
 
 _WHOLE_CACHE_SIZE = 1 << 16
 """Distinct document lengths memoised per cost model (bounded memory in long-running services)."""
+_WHOLE_TABLE_SIZE = 1 << 20
+"""Largest dense memo of ``attention_ms(0, end)`` by ``end`` (8 MiB of float64); longer ends use the dict memo."""
+_TABLE_FROM = 1024
+"""Lengths looked up at once from which :meth:`CostModel.whole_attention_ms` uses the dense memo."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +92,8 @@ class CostModel:
     _whole_cache: dict[int, float] = field(init=False, repr=False, compare=False, default_factory=dict)
     """Memo of ``attention_ms(0, length)`` (a pure function of the constants): whole documents are scored by
     the strategies and again by the evaluator, and lengths recur across micro-batches."""
+    _whole_table: np.ndarray = field(init=False, repr=False, compare=False, default_factory=lambda: np.empty(0))
+    """The same memo for bulk lookups: entry ``end`` holds ``attention_ms(0, end)``, NaN where not computed yet."""
 
     def __getstate__(self) -> dict[str, object]:
         """Pickles the constants only: the memo can be large and is rebuilt on use (solver processes)."""
@@ -95,6 +103,7 @@ class CostModel:
         for name, value in state.items():
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_whole_cache", {})
+        object.__setattr__(self, "_whole_table", np.empty(0))
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -215,14 +224,50 @@ class CostModel:
 
     def whole_attention_ms(self, lengths: Sequence[int]) -> list[float]:
         """``[attention_ms(0, length) for length in lengths]`` (same floats), through the memo in bulk."""
+        if len(lengths) >= _TABLE_FROM:
+            try:
+                return self.whole_attention_array(int64_array(lengths)).tolist()
+            except OverflowError:
+                return [self.attention_ms(0, length) for length in lengths]
         cache = self._whole_cache
-        missing = set(lengths).difference(cache)
+        values = list(map(cache.get, lengths))
+        if None not in values:
+            return values
+        missing = sorted({length for length, value in zip(lengths, values, strict=True) if value is None})
         if len(cache) + len(missing) > _WHOLE_CACHE_SIZE:
             return [self.attention_ms(0, length) for length in lengths]
-        if missing:
-            ordered = sorted(missing)
-            cache.update(zip(ordered, self.attention_ms_of([(0, length) for length in ordered]), strict=True))
+        cache.update(zip(missing, self.attention_ms_of([(0, length) for length in missing]), strict=True))
         return list(map(cache.__getitem__, lengths))
+
+    def whole_attention_array(self, ends: np.ndarray) -> np.ndarray:
+        """``attention_ms(0, end)`` for every entry of the int64 array ``ends``, as float64 (the same floats).
+
+        Looked up in a dense table indexed by ``end`` (grown to the largest end seen, up to
+        ``_WHOLE_TABLE_SIZE``); missing entries are computed once with :meth:`attention_ms_of`.
+        Ends outside the table go through :meth:`attention_ms` one by one.
+        """
+        if not len(ends):
+            return np.empty(0)
+        inside = (ends >= 0) & (ends < _WHOLE_TABLE_SIZE)
+        if not inside.all():
+            out = np.empty(len(ends))
+            out[inside] = self.whole_attention_array(ends[inside])
+            out[~inside] = [self.attention_ms(0, end) for end in ends[~inside].tolist()]
+            return out
+        table = self._whole_table
+        top = int(ends.max())
+        if top >= len(table):
+            grown = np.full(min(_WHOLE_TABLE_SIZE, max(2 * len(table), 1 << (top + 1).bit_length())), np.nan)
+            grown[:len(table)] = table
+            object.__setattr__(self, "_whole_table", grown)  # readers of the old table stay valid
+            table = grown
+        out = table[ends]
+        missing = np.isnan(out)
+        if missing.any():
+            new = np.unique(ends[missing])
+            table[new] = self.attention_ms_of([(0, end) for end in new.tolist()])
+            out = table[ends]
+        return out
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""
@@ -283,33 +328,17 @@ def rank_costs_of_traffic(
     Python version's ``sum``). Segments from token 0 (whole documents, head chunks) are scored in
     bulk through the whole-document memo; the others one by one.
     """
+    columns = [Segments.of(segments) for segments in rank_segments]
+    local_ms, remote_ms = _attention_terms(columns, cost_model)
     kv = cost_model.kv_bytes_per_token
     costs = []
     lin = cost_model.linear_ms_per_token
     overlap = cost_model.overlap_fraction
     link_ms = cost_model.link_ms
-    for r, segments in enumerate(rank_segments):
-        local_ms: list[float] = []
-        remote_ms: list[float] = []
-        tokens = 0
-        if segments:
-            columns = Segments.of(segments)
-            docs, starts, ends = columns.docs, columns.starts, columns.ends
-            tokens = sum(ends) - sum(starts)
-            from_zero = list(map(operator.not_, starts))
-            zero_ends = list(compress(ends, from_zero))
-            local_ms = cost_model.whole_attention_ms(zero_ends)
-            prefix = dict(zip(compress(docs, from_zero), zero_ends, strict=True))  # doc -> end of its keys from 0
-            later = list(compress(zip(docs, starts, ends, strict=True), starts))  # pieces not from token 0
-            later_ms = cost_model.attention_ms_of([(start, end) for _, start, end in later])
-            for (doc, start, end), ms in zip(later, later_ms, strict=True):  # (doc, start) order
-                if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
-                    prefix[doc] = end
-                    local_ms.append(ms)
-                else:
-                    remote_ms.append(ms)
-        local_attention = math.fsum(local_ms)
-        attention = math.fsum(local_ms + remote_ms)
+    for r, segments in enumerate(columns):
+        tokens = sum(segments.ends) - sum(segments.starts)
+        local_attention = math.fsum(local_ms[r])
+        attention = math.fsum(local_ms[r] + remote_ms[r]) if remote_ms[r] else local_attention
         (ri, rx), (si, sx) = recv[r], send[r]
         comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
         exposed = max(0.0, comm - overlap * local_attention)
@@ -327,9 +356,124 @@ def rank_costs_of_traffic(
     return tuple(costs)
 
 
-def lower_bound_ms(doc_lengths: Sequence[int], cp_size: int, cost_model: CostModel) -> float:
-    """Perfect balance, full kernel efficiency, no exposed communication."""
-    pairs = sum(map(operator.mul, doc_lengths, map((1).__add__, doc_lengths))) // 2
+def _attention_terms(columns: Sequence[Segments], cost_model: CostModel) -> tuple[list[list[float]], list[list[float]]]:
+    """Per rank (segments in ``(doc, start)`` order), the attention of the segments whose keys it holds
+    from token 0 (local) and of the others (remote). Segments from token 0 are scored in one memo
+    lookup, the others in one pass of the formula, for all ranks at once."""
+    mixed = [any(segments.starts) for segments in columns]  # ranks with pieces not from token 0
+    zero_ends = [list(compress(c.ends, map(operator.not_, c.starts))) if m else c.ends
+                 for c, m in zip(columns, mixed, strict=True)]
+    later = [list(compress(zip(c.docs, c.starts, c.ends, strict=True), c.starts)) if m else []
+             for c, m in zip(columns, mixed, strict=True)]
+    whole_ms = cost_model.whole_attention_ms(list(chain.from_iterable(zero_ends)))
+    later_ms = iter(cost_model.attention_ms_of([(start, end) for rows in later for _, start, end in rows])
+                    if any(mixed) else ())
+    local, remote = [], []
+    at = 0
+    for c, ends, rows in zip(columns, zero_ends, later, strict=True):
+        local_ms, remote_ms = whole_ms[at:at + len(ends)], []
+        at += len(ends)
+        if rows:
+            prefix = dict(zip(compress(c.docs, map(operator.not_, c.starts)), ends, strict=True))  # doc -> keys from 0
+            for doc, start, end in rows:
+                if prefix.get(doc) == start:  # keys [0, end) all owned by this rank
+                    prefix[doc] = end
+                    local_ms.append(next(later_ms))
+                else:
+                    remote_ms.append(next(later_ms))
+        local.append(local_ms)
+        remote.append(remote_ms)
+    return local, remote
+
+
+def rank_costs_of_columns(
+    columns: RankColumns,
+    recv: Sequence[Sequence[int]],
+    send: Sequence[Sequence[int]],
+    cost_model: CostModel,
+) -> tuple[RankCost, ...]:
+    """:func:`rank_costs_of_traffic` of segments given as columns: the same floats, in array passes.
+
+    Every segment's attention comes from the same scalar formula (segments from token 0 through the
+    dense whole-document memo); the per-rank sums stay :func:`math.fsum`, so only how the terms are
+    gathered changes. A segment is local when the rank holds its document's keys from token 0 on:
+    its run of contiguous pieces of that document on the rank starts at token 0.
+    """
+    starts, ends, bounds = columns.starts, columns.ends, columns.bounds
+    later = np.flatnonzero(starts)  # rows not from token 0
+    ms = cost_model.whole_attention_array(ends)  # right for the rows from token 0; the others next
+    local = np.ones(len(ms), dtype=bool)
+    if len(later):
+        ms[later] = cost_model.attention_ms_of(list(zip(starts[later].tolist(), ends[later].tolist(), strict=True)))
+        local[later] = _later_rows_local(columns, later)
+    remote_upto = np.searchsorted(np.flatnonzero(~local), bounds).tolist()  # remote rows before each rank
+    local_list = local.tolist() if remote_upto[-1] else []
+    ms_view = memoryview(ms)  # fsum reads Python floats from it, without a list of them
+    tokens = columns.tokens()
+    kv = cost_model.kv_bytes_per_token
+    lin = cost_model.linear_ms_per_token
+    overlap = cost_model.overlap_fraction
+    link_ms = cost_model.link_ms
+    costs = []
+    for r in range(len(bounds) - 1):
+        a, b = bounds[r], bounds[r + 1]
+        attention = math.fsum(ms_view[a:b])
+        local_attention = attention
+        if remote_upto[r] != remote_upto[r + 1]:
+            local_attention = math.fsum(compress(ms_view[a:b], local_list[a:b]))
+        (ri, rx), (si, sx) = recv[r], send[r]
+        comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
+        exposed = max(0.0, comm - overlap * local_attention)
+        costs.append(
+            RankCost(
+                tokens=tokens[r],
+                linear_ms=tokens[r] * lin,
+                attention_ms=attention,
+                comm_ms=comm,
+                exposed_comm_ms=exposed,
+                recv_bytes=(ri + rx) * kv,
+                send_bytes=(si + sx) * kv,
+            )
+        )
+    return tuple(costs)
+
+
+def _later_rows_local(columns: RankColumns, later: np.ndarray) -> np.ndarray:
+    """Whether each row of ``later`` (rows not from token 0) is local: its run of contiguous pieces of
+    one document on one rank starts at token 0."""
+    docs, starts, ends = columns.docs, columns.starts, columns.ends
+    bounds = np.asarray(columns.bounds)
+    first_of_rank = bounds[np.searchsorted(bounds, later, side="right") - 1] == later
+    extends = ~first_of_rank & (docs[later - 1] == docs[later]) & (ends[later - 1] == starts[later])
+    chained = np.zeros(len(later), dtype=bool)  # extends a later row: same run as the row before it
+    chained[1:] = extends[1:] & (later[1:] - 1 == later[:-1])
+    head = ~chained  # the first later row of each run: local iff it extends a row from token 0
+    return extends[head][np.cumsum(head) - 1]
+
+
+def lower_bound_ms(doc_lengths: Sequence[int] | np.ndarray, cp_size: int, cost_model: CostModel) -> float:
+    """Perfect balance, full kernel efficiency, no exposed communication.
+
+    ``doc_lengths`` may be an int64 array (the same result, without converting the lengths again).
+    """
+    pairs, tokens = _pairs_and_tokens(doc_lengths)
     attention = cost_model.attention_ideal_ms_of_pairs(pairs)
-    linear = sum(doc_lengths) * cost_model.linear_ms_per_token
+    linear = tokens * cost_model.linear_ms_per_token
     return (attention + linear) / cp_size
+
+
+def _pairs_and_tokens(doc_lengths: Sequence[int] | np.ndarray) -> tuple[int, int]:
+    """``(sum(causal_pairs(0, length)), sum(doc_lengths))``, exactly: in int64 where no sum can overflow."""
+    lengths = doc_lengths.astype(np.int64, copy=False) if isinstance(doc_lengths, np.ndarray) else None
+    if lengths is None and len(doc_lengths) >= _ARRAY_FROM:
+        lengths = int64_array(doc_lengths)
+    if lengths is not None and len(lengths):
+        low, high = int(lengths.min()), int(lengths.max())
+        if low >= 0 and len(lengths) * high * (high + 1) < 2**63:
+            return int((lengths * (lengths + 1)).sum()) // 2, int(lengths.sum())
+    values = doc_lengths.tolist() if isinstance(doc_lengths, np.ndarray) else doc_lengths
+    return sum(map(operator.mul, values, map((1).__add__, values))) // 2, sum(values)
+
+
+_ARRAY_FROM = 2048
+"""Sequences of at least this many lengths are summed as an array (fewer: the conversion costs more)."""

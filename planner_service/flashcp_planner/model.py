@@ -20,10 +20,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import pairwise, repeat
 from typing import Any, NamedTuple, overload
+
+import numpy as np
 
 from flashcp_planner.errors import InvalidRequest
 
@@ -33,6 +36,8 @@ __all__ = [
     "ShardingKind",
     "Segment",
     "Segments",
+    "RankColumns",
+    "int64_array",
     "DocSharding",
     "Shardings",
     "KVTransfer",
@@ -111,17 +116,59 @@ class Segments(Sequence[Segment]):
     them (and the garbage collector walking them) dominated planning time. Iterating, indexing,
     ``len`` and ``==`` against any sequence of segments behave as for a tuple of records; the columns
     ``docs``, ``starts`` and ``ends`` serve bulk consumers (cost evaluation, wire encoding).
+
+    Segments made by :meth:`of_arrays` keep int64 arrays and build the tuple columns on first use
+    (planners build them in bulk; many plans are evaluated and compared without reading them).
     """
 
-    __slots__ = ("docs", "starts", "ends", "_hash")
+    __slots__ = ("_docs", "_starts", "_ends", "_arrays", "_hash")
 
     def __init__(self, docs: Sequence[int] = (), starts: Sequence[int] = (), ends: Sequence[int] = ()) -> None:
         if not len(docs) == len(starts) == len(ends):
             raise ValueError(f"columns differ in length: {len(docs)}, {len(starts)}, {len(ends)}")
-        self.docs: tuple[int, ...] = tuple(docs)
-        self.starts: tuple[int, ...] = tuple(starts)
-        self.ends: tuple[int, ...] = tuple(ends)
+        self._docs: tuple[int, ...] | None = tuple(docs)
+        self._starts: tuple[int, ...] | None = tuple(starts)
+        self._ends: tuple[int, ...] | None = tuple(ends)
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._hash: int | None = None
+
+    @classmethod
+    def of_arrays(cls, docs: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> Segments:
+        """Segments over three int64 arrays of equal length (not copied: the caller must not modify them)."""
+        if not len(docs) == len(starts) == len(ends):
+            raise ValueError(f"columns differ in length: {len(docs)}, {len(starts)}, {len(ends)}")
+        self = cls.__new__(cls)
+        self._docs = self._starts = self._ends = None
+        self._arrays = (docs, starts, ends)
+        self._hash = None
+        return self
+
+    @property
+    def docs(self) -> tuple[int, ...]:
+        """Document of every segment."""
+        return self._docs if self._docs is not None else self._columns()[0]
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """First query token of every segment."""
+        return self._starts if self._starts is not None else self._columns()[1]
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """One past the last query token of every segment."""
+        return self._ends if self._ends is not None else self._columns()[2]
+
+    def _columns(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        assert self._arrays is not None
+        docs, starts, ends = (tuple(column.tolist()) for column in self._arrays)
+        self._docs, self._starts, self._ends = docs, starts, ends  # (a racing thread builds equal ones)
+        return docs, starts, ends
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The columns ``(docs, starts, ends)`` as int64 arrays (shared, not to be modified)."""
+        if self._arrays is None:
+            self._arrays = tuple(np.array(column, dtype=np.int64) for column in (self.docs, self.starts, self.ends))
+        return self._arrays
 
     @classmethod
     def of(cls, segments: Iterable[Segment | Sequence[int]]) -> Segments:
@@ -139,7 +186,7 @@ class Segments(Sequence[Segment]):
         return sum(self.ends) - sum(self.starts)
 
     def __len__(self) -> int:
-        return len(self.docs)
+        return len(self._docs) if self._docs is not None else len(self._arrays[0])  # type: ignore[index]
 
     def __iter__(self) -> Iterator[Segment]:
         return map(tuple.__new__, repeat(Segment), zip(self.docs, self.starts, self.ends, strict=True))
@@ -172,6 +219,59 @@ class Segments(Sequence[Segment]):
         return (Segments, (self.docs, self.starts, self.ends))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankColumns:
+    """Every rank's segments in three flat int64 arrays: rank 0's rows, then rank 1's, ..., each rank's
+    in local order ``(doc, start)``. The form plans are evaluated in (bulk array passes, no per-segment
+    Python work); :meth:`segments` gives the per-rank :class:`Segments`."""
+
+    docs: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    bounds: tuple[int, ...]
+    """Rank r's rows are ``bounds[r]:bounds[r + 1]`` (N + 1 entries)."""
+
+    @classmethod
+    def of(cls, rank_segments: Sequence[Segments]) -> RankColumns:
+        """Columns of per-rank segments already in local order."""
+        bounds = [0]
+        for segments in rank_segments:
+            bounds.append(bounds[-1] + len(segments))
+        arrays = [segments.arrays() for segments in rank_segments]
+        docs, starts, ends = (np.concatenate([np.empty(0, dtype=np.int64)] + [a[i] for a in arrays]) for i in range(3))
+        return cls(docs=docs, starts=starts, ends=ends, bounds=tuple(bounds))
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.bounds) - 1
+
+    def rank_of_rows(self) -> np.ndarray:
+        """The rank of every row."""
+        return np.repeat(np.arange(self.num_ranks), np.diff(self.bounds))
+
+    def tokens(self) -> list[int]:
+        """Query tokens of every rank."""
+        held = np.concatenate([[0], np.cumsum(self.ends - self.starts)])
+        return np.diff(held[list(self.bounds)]).tolist()
+
+    def segments(self) -> tuple[Segments, ...]:
+        """Every rank's :class:`Segments` (over views of the columns)."""
+        docs, starts, ends = self.docs, self.starts, self.ends
+        return tuple(Segments.of_arrays(docs[a:b], starts[a:b], ends[a:b]) for a, b in pairwise(self.bounds))
+
+
+def int64_array(values: Sequence[int]) -> np.ndarray:
+    """``values`` (Python integers) as a read-only int64 array.
+
+    ``struct`` unpacks a sequence of integers about twice as fast as :func:`numpy.fromiter`; values
+    it rejects (out of range, not integers) take the numpy path, which converts or raises.
+    """
+    try:
+        return np.frombuffer(struct.pack(f"{len(values)}q", *values), dtype=np.int64)
+    except struct.error:
+        return np.fromiter(values, dtype=np.int64, count=len(values))
+
+
 class DocSharding(NamedTuple):
     """How one document is sharded and over which ranks."""
 
@@ -191,13 +291,28 @@ class Shardings(Sequence[DocSharding]):
 
     __slots__ = ("whole_rank", "split", "_hash")
 
-    def __init__(self, whole_rank: Sequence[int], split: Mapping[int, DocSharding]) -> None:
+    def __init__(self, whole_rank: Sequence[int], split: Mapping[int, DocSharding], *, check: bool = True) -> None:
+        """``check=False`` skips the consistency check, for builders that mark split documents -1 by
+        construction (it is a pass over every document)."""
         self.whole_rank: tuple[int, ...] = tuple(whole_rank)
         """Per document, the rank holding it whole, or -1 when it is split (then in ``split``)."""
         self.split: dict[int, DocSharding] = dict(split)
         self._hash: int | None = None
-        if any((rank < 0) != (doc in self.split) for doc, rank in enumerate(self.whole_rank)):
+        if check and not self._consistent():
             raise ValueError("every document needs a whole rank or a split record, not both")
+
+    def _consistent(self) -> bool:
+        """Whether exactly the documents with a negative whole rank have a split record.
+
+        In C-speed passes when split documents are marked -1 (the usual form): every -1 is split iff
+        the -1 count equals the split records in range, and every such record sits on a -1.
+        """
+        whole_rank, split = self.whole_rank, self.split
+        if whole_rank and min(whole_rank) < -1:  # other negative marks: the per-document check
+            return not any((rank < 0) != (doc in split) for doc, rank in enumerate(whole_rank))
+        docs = range(len(whole_rank))
+        marked = [doc for doc in split if doc in docs]
+        return whole_rank.count(-1) == len(marked) and all(whole_rank[doc] == -1 for doc in marked)
 
     def __len__(self) -> int:
         return len(self.whole_rank)

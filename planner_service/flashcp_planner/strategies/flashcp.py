@@ -53,14 +53,14 @@ import os
 from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import compress, pairwise
+from itertools import compress
 from operator import itemgetter
 from typing import ClassVar
 
 import numpy as np
 
-from flashcp_planner.layout import Layout, head_tail_segments, sharding_of
-from flashcp_planner.model import CommMode, DocSharding, Segment, Segments, ShardingKind, Shardings
+from flashcp_planner.layout import Layout, head_tail_segments, placements_layout
+from flashcp_planner.model import CommMode, Segment
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
 
@@ -639,48 +639,6 @@ def heuristic_placements(
         if per_doc_ms < best[0]:
             best = (per_doc_ms, per_doc, {})
     return best[1], best[2]
-
-
-def placements_layout(ctx: PlanContext, placement: list[Placement], fills: Fills) -> Layout:
-    """Turn per-document placements into a :class:`Layout` (segments per rank, sharding per document)."""
-    n = ctx.cp_size
-    lengths = ctx.doc_lengths
-    num_docs = len(lengths)
-    first = np.fromiter(map(itemgetter(0), placement), dtype=np.int64, count=num_docs)
-    whole = np.fromiter(map(itemgetter(1), placement), dtype=np.int64, count=num_docs) == 1
-    whole_docs = np.flatnonzero(whole)
-    whole_rank = first.tolist()
-    split: dict[int, DocSharding] = {}
-    piece_rank: list[int] = []
-    piece_doc: list[int] = []
-    piece_start: list[int] = []
-    piece_end: list[int] = []
-    for d in np.flatnonzero(~whole).tolist():
-        g0, k = placement[d]
-        if k == FILL:
-            pieces = fills[d]
-            group: range | list[int] = [r for r, _ in pieces]
-            kind = ShardingKind.PACKED
-        else:
-            group = range(g0, g0 + k)
-            pieces = head_tail_segments(d, lengths[d], group)
-            kind = ShardingKind.PER_DOC if k == n else ShardingKind.SUB_GROUP
-        for rank, (doc, start, end) in pieces:
-            piece_rank.append(rank)
-            piece_doc.append(doc)
-            piece_start.append(start)
-            piece_end.append(end)
-        whole_rank[d] = -1
-        split[d] = sharding_of(d, group, pieces, kind)
-    rank = np.concatenate([first[whole_docs], np.array(piece_rank, dtype=np.int64)])
-    doc = np.concatenate([whole_docs, np.array(piece_doc, dtype=np.int64)])
-    start = np.concatenate([np.zeros(len(whole_docs), dtype=np.int64), np.array(piece_start, dtype=np.int64)])
-    end = np.concatenate([np.asarray(lengths, dtype=np.int64)[whole_docs], np.array(piece_end, dtype=np.int64)])
-    order = np.lexsort((start, doc, rank))  # by rank, then local order (doc, start)
-    bounds = np.searchsorted(rank[order], np.arange(n + 1)).tolist()
-    docs, starts, ends = doc[order].tolist(), start[order].tolist(), end[order].tolist()
-    rank_segments = tuple(Segments(docs[a:b], starts[a:b], ends[a:b]) for a, b in pairwise(bounds))
-    return Layout(rank_segments=rank_segments, documents=Shardings(whole_rank, split), trusted=True)
 
 
 class FlashCPHeuristic:
