@@ -254,13 +254,7 @@ class CostModel:
             out[inside] = self.whole_attention_array(ends[inside])
             out[~inside] = [self.attention_ms(0, end) for end in ends[~inside].tolist()]
             return out
-        table = self._whole_table
-        top = int(ends.max())
-        if top >= len(table):
-            grown = np.full(min(_WHOLE_TABLE_SIZE, max(2 * len(table), 1 << (top + 1).bit_length())), np.nan)
-            grown[:len(table)] = table
-            object.__setattr__(self, "_whole_table", grown)  # readers of the old table stay valid
-            table = grown
+        table = self._table_covering(int(ends.max()))
         out = table[ends]
         missing = np.isnan(out)
         if missing.any():
@@ -268,6 +262,25 @@ class CostModel:
             table[new] = self.attention_ms_of([(0, end) for end in new.tolist()])
             out = table[ends]
         return out
+
+    def remember_whole_attention(self, lengths: np.ndarray, ms: np.ndarray) -> None:
+        """Seed the whole-document memo with ``ms[i] = attention_ms(0, lengths[i])`` computed elsewhere
+        (the compiled search engine's, the same floats), so that evaluating the plan looks them up."""
+        if len(lengths) < _TABLE_FROM and len(self._whole_cache) + len(lengths) <= _WHOLE_CACHE_SIZE:
+            self._whole_cache.update(zip(lengths.tolist(), ms.tolist(), strict=True))
+        inside = lengths < _WHOLE_TABLE_SIZE
+        if inside.any():
+            self._table_covering(int(lengths[inside].max()))[lengths[inside]] = ms[inside]
+
+    def _table_covering(self, top: int) -> np.ndarray:
+        """The dense whole-document table, grown to hold index ``top`` (< ``_WHOLE_TABLE_SIZE``)."""
+        table = self._whole_table
+        if top >= len(table):
+            grown = np.full(min(_WHOLE_TABLE_SIZE, max(2 * len(table), 1 << (top + 1).bit_length())), np.nan)
+            grown[:len(table)] = table
+            object.__setattr__(self, "_whole_table", grown)  # readers of the old table stay valid
+            table = grown
+        return table
 
     def attention_ideal_ms(self, length: int) -> float:
         """Attention of a whole document at the best efficiency, no overhead (for lower bounds)."""

@@ -170,6 +170,7 @@ class PlacementSearch:
             self.whole_ms_array = self.engine.whole_ms_array
             self.whole_cost_array = self.engine.whole_cost_array
             self.longest_first_array = self.engine.longest_first_array
+            self.cm.remember_whole_attention(self.length_array, self.whole_ms_array)  # the plan's evaluation
             return
         self.length_array = np.array(self.lengths, dtype=np.int64)
         self.whole_ms_array = np.array(self.cm.whole_attention_ms(self.lengths))
