@@ -136,3 +136,18 @@ def test_per_doc_lower_bound_agrees_with_the_array_formula():
         ours = flashcp._per_doc_lower_bound(PlacementSearch(ctx, CommMode.EXACT_NEED, native=True))
         theirs = flashcp._per_doc_lower_bound(PlacementSearch(ctx, CommMode.EXACT_NEED, native=False))
         assert math.isclose(ours, theirs, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize(("workload", "cp_size"), [("prolong", 8), ("web", 16), ("longctx", 64)])
+def test_plans_scored_through_the_seeded_memo_equal_fresh_scoring(workload, cp_size):
+    """The engine seeds the cost model's whole-document memo with its own attention times; scoring with
+    an empty memo (the Python formulas) must give the same plan, float for float."""
+    from flashcp_planner import plan
+    from flashcp_planner.layout import build_plan, placements_layout
+
+    [lengths] = generate(workload, context=cp_size * 32768, seed=5)
+    seeded = plan(PlanRequest(micro_batches=[lengths], cp_size=cp_size, cost_model=dataclasses.replace(BASE)))[0]
+    fresh = _context(lengths, cp_size, cost_model=dataclasses.replace(BASE))
+    layout = placements_layout(fresh, *heuristic_placements(fresh, CommMode.EXACT_NEED, native=False))
+    reference = build_plan(fresh, layout, strategy="flashcp", comm=CommMode.EXACT_NEED)
+    assert seeded.to_json() == reference.to_json()
