@@ -266,8 +266,10 @@ class CostModel:
     def remember_whole_attention(self, lengths: np.ndarray, ms: np.ndarray) -> None:
         """Seed the whole-document memo with ``ms[i] = attention_ms(0, lengths[i])`` computed elsewhere
         (the compiled search engine's, the same floats), so that evaluating the plan looks them up."""
-        if len(lengths) < _TABLE_FROM and len(self._whole_cache) + len(lengths) <= _WHOLE_CACHE_SIZE:
-            self._whole_cache.update(zip(lengths.tolist(), ms.tolist(), strict=True))
+        if len(lengths) < _TABLE_FROM:  # (where whole_attention_ms looks)
+            if len(self._whole_cache) + len(lengths) <= _WHOLE_CACHE_SIZE:
+                self._whole_cache.update(zip(lengths.tolist(), ms.tolist(), strict=True))
+            return
         inside = lengths < _WHOLE_TABLE_SIZE
         if inside.any():
             self._table_covering(int(lengths[inside].max()))[lengths[inside]] = ms[inside]
