@@ -345,30 +345,32 @@ def rank_costs_of_traffic(
     """
     columns = [Segments.of(segments) for segments in rank_segments]
     local_ms, remote_ms = _attention_terms(columns, cost_model)
-    kv = cost_model.kv_bytes_per_token
     costs = []
-    lin = cost_model.linear_ms_per_token
-    overlap = cost_model.overlap_fraction
-    link_ms = cost_model.link_ms
     for r, segments in enumerate(columns):
         tokens = sum(segments.ends) - sum(segments.starts)
         local_attention = math.fsum(local_ms[r])
         attention = math.fsum(local_ms[r] + remote_ms[r]) if remote_ms[r] else local_attention
-        (ri, rx), (si, sx) = recv[r], send[r]
-        comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
-        exposed = max(0.0, comm - overlap * local_attention)
-        costs.append(
-            RankCost(
-                tokens=tokens,
-                linear_ms=tokens * lin,
-                attention_ms=attention,
-                comm_ms=comm,
-                exposed_comm_ms=exposed,
-                recv_bytes=(ri + rx) * kv,
-                send_bytes=(si + sx) * kv,
-            )
-        )
+        costs.append(_rank_cost(tokens, attention, local_attention, recv[r], send[r], cost_model))
     return tuple(costs)
+
+
+def _rank_cost(
+    tokens: int, attention: float, local_attention: float, recv: Sequence[int], send: Sequence[int],
+    cost_model: CostModel,
+) -> RankCost:
+    """One rank's cost from its sums; ``recv`` / ``send``: ``[intra, inter]`` forward KV tokens."""
+    kv = cost_model.kv_bytes_per_token
+    (ri, rx), (si, sx) = recv, send
+    comm = cost_model.link_ms(ri * kv, rx * kv) + cost_model.link_ms(si * kv, sx * kv)
+    return RankCost(
+        tokens=tokens,
+        linear_ms=tokens * cost_model.linear_ms_per_token,
+        attention_ms=attention,
+        comm_ms=comm,
+        exposed_comm_ms=max(0.0, comm - cost_model.overlap_fraction * local_attention),
+        recv_bytes=(ri + rx) * kv,
+        send_bytes=(si + sx) * kv,
+    )
 
 
 def _attention_terms(columns: Sequence[Segments], cost_model: CostModel) -> tuple[list[list[float]], list[list[float]]]:
@@ -425,10 +427,6 @@ def rank_costs_of_columns(
     local_list = local.tolist() if remote_upto[-1] else []
     ms_view = memoryview(ms)  # fsum reads Python floats from it, without a list of them
     tokens = columns.tokens()
-    kv = cost_model.kv_bytes_per_token
-    lin = cost_model.linear_ms_per_token
-    overlap = cost_model.overlap_fraction
-    link_ms = cost_model.link_ms
     costs = []
     for r in range(len(bounds) - 1):
         a, b = bounds[r], bounds[r + 1]
@@ -436,20 +434,7 @@ def rank_costs_of_columns(
         local_attention = attention
         if remote_upto[r] != remote_upto[r + 1]:
             local_attention = math.fsum(compress(ms_view[a:b], local_list[a:b]))
-        (ri, rx), (si, sx) = recv[r], send[r]
-        comm = link_ms(ri * kv, rx * kv) + link_ms(si * kv, sx * kv)
-        exposed = max(0.0, comm - overlap * local_attention)
-        costs.append(
-            RankCost(
-                tokens=tokens[r],
-                linear_ms=tokens[r] * lin,
-                attention_ms=attention,
-                comm_ms=comm,
-                exposed_comm_ms=exposed,
-                recv_bytes=(ri + rx) * kv,
-                send_bytes=(si + sx) * kv,
-            )
-        )
+        costs.append(_rank_cost(tokens[r], attention, local_attention, recv[r], send[r], cost_model))
     return tuple(costs)
 
 
