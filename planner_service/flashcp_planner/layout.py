@@ -29,7 +29,7 @@ from flashcp_planner.model import (
 )
 from flashcp_planner.request import PlanContext
 
-__all__ = ["Layout", "head_tail_segments", "head_tail_sizes", "sharding_of", "whole", "build_plan",
+__all__ = ["FILL", "Layout", "head_tail_segments", "head_tail_sizes", "sharding_of", "whole", "build_plan",
            "placements_layout"]
 
 _new = tuple.__new__
@@ -150,8 +150,8 @@ def _rank_costs(
 
 _SMALL = 512
 """Documents (layouts) or segments (evaluation) up to which plain Python beats array passes."""
-_FILL = 0
-"""Placement size of a document cut into fill pieces (``flashcp_planner.strategies.flashcp.FILL``)."""
+FILL = 0
+"""Placement size ``k`` of a document cut into fill pieces (see :func:`placements_layout`)."""
 
 
 def placements_layout(
@@ -265,7 +265,7 @@ def _split_pieces(
     rows: list[tuple[int, int, int, int]] = []  # pieces cut here, in (doc, start) order
     split: dict[int, DocSharding] = {}
     for d, g0, k, doc_length in zip(docs, firsts, sizes, length[split_docs].tolist(), strict=True):
-        if in_arrays and k != _FILL:
+        if in_arrays and k != FILL:
             split[d] = _head_tail_record(n, d, g0, k, doc_length)
             continue
         pieces, split[d] = _split_document(n, d, g0, k, doc_length, fills)
@@ -273,7 +273,7 @@ def _split_pieces(
     start, rank, doc, end = np.array(rows, dtype=np.int64).reshape(-1, 4).T
     pieces = (rank, doc, start, end)
     if in_arrays:
-        head_tail = split_docs[size[split_docs] != _FILL]
+        head_tail = split_docs[size[split_docs] != FILL]
         cut = head_tail_columns(head_tail, length[head_tail], first[head_tail], size[head_tail])
         pieces = tuple(np.concatenate(pair) for pair in zip(cut, pieces, strict=True))
         order = np.argsort(pieces[1], kind="stable")
@@ -285,7 +285,7 @@ def _split_document(
     n: int, d: int, g0: int, k: int, length: int, fills: Mapping[int, Sequence[tuple[int, Segment]]]
 ) -> tuple[Sequence[tuple[int, Segment]], DocSharding]:
     """Pieces ``(rank, segment)`` and sharding record of document ``d`` placed ``(g0, k)``, k != 1."""
-    if k == _FILL:
+    if k == FILL:
         pieces = fills[d]
         return pieces, sharding_of(d, [rank for rank, _ in pieces], pieces, ShardingKind.PACKED)
     return head_tail_segments(d, length, range(g0, g0 + k)), _head_tail_record(n, d, g0, k, length)

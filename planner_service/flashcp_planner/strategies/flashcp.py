@@ -59,7 +59,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from flashcp_planner.layout import Layout, head_tail_segments, placements_layout
+from flashcp_planner.layout import FILL, Layout, head_tail_segments, placements_layout
 from flashcp_planner.model import CommMode, Segment
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
@@ -81,7 +81,6 @@ Placement = tuple[int, int]
 """``(first_rank, k)``: k = 1 whole on ``first_rank``; k >= 2 head-tail over ranks
 ``first_rank .. first_rank + k - 1``; k = 0 cut into fill pieces (see :class:`PlacementSearch`)."""
 
-FILL = 0
 _SPLIT_CANDIDATE = 0.25
 """The greedy considers splitting only documents whose whole time is at least this fraction of the ideal load."""
 _STOP_IMBALANCE = 1e-3
