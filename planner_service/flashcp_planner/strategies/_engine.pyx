@@ -791,7 +791,7 @@ cdef class Run(Sums):
         ``compound``: :meth:`_compound`'s limits)."""
         cdef Engine e = self.eng
         cdef Py_ssize_t n = self.n, rounds, x, i, lo, hi, a, c, num_pairs, q
-        cdef i64 r, s, d, dd, ee, low0, low1, g0, k
+        cdef i64 r, s, d, ee, low0, low1, g0, k
         cdef double cur, best_time, gap, half_gap, t, w
         cdef bint fits
         cdef i64 move_d, move_g0, move_k, move_e
@@ -803,7 +803,7 @@ cdef class Run(Sums):
         cdef i64[::1] by_cost = e.by_cost
         cdef i64[::1] lengths = e.lengths
         cdef double[::1] whole_ms = e.whole_ms
-        cdef Block old, b
+        cdef Block old
         cdef double* totals
         cdef i64 low[2]
         cdef IntVec* split_here

@@ -37,6 +37,10 @@ nodes; ``allow_sub_group=False`` leaves only k = N.
 Deterministic: ties broken by index, no random choices; the work is bounded by counts
 (rounds, candidates per round, search nodes), never by wall-clock time.
 
+The code below is the reference. When it is built, :mod:`flashcp_planner.strategies._engine` runs the
+same search in C, operation for operation (identical placements, tested); ``native=False`` or
+``FLASHCP_NATIVE=0`` runs this Python code instead.
+
 Cost: the greedy is O(D log N) (ranks without room for the current document wait in
 a second heap until the documents get short enough), whole-document moves are scored
 in O(1) (:meth:`LoadState.peek_shift`), a split over k ranks in O(k) closed form
@@ -64,7 +68,7 @@ from flashcp_planner.model import CommMode, Segment
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
 
-try:  # the compiled twin of greedy / improve / lpt_may_beat (built by setup.py; optional)
+try:  # the compiled twin of this search (strategies/_engine.pyx, built by setup.py; optional)
     from flashcp_planner.strategies._engine import Attention, Engine
 except ImportError:  # pragma: no cover - exercised on installs without a C compiler
     Attention = Engine = None
