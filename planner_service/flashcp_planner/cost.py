@@ -222,6 +222,15 @@ class CostModel:
             out.append((overhead + scale * pairs * heads * head_dim / (rate * eff)) * bwd)
         return out
 
+    def attention_ms_array(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """:meth:`attention_ms_of` over int64 arrays, as float64: in the compiled search engine's
+        twin of the formula when it is built (the same floats, tested), else in Python."""
+        try:  # (imported here: the engine's module imports the cost model's)
+            from flashcp_planner.strategies._engine import Attention
+        except ImportError:  # pragma: no cover - installs without a C compiler
+            return np.array(self.attention_ms_of(list(zip(starts.tolist(), ends.tolist(), strict=True))))
+        return Attention(self).ms_of(starts, ends)
+
     def whole_attention_ms(self, lengths: Sequence[int]) -> list[float]:
         """``[attention_ms(0, length) for length in lengths]`` (same floats), through the memo in bulk."""
         if len(lengths) >= _TABLE_FROM:
@@ -421,7 +430,7 @@ def rank_costs_of_columns(
     ms = cost_model.whole_attention_array(ends)  # right for the rows from token 0; the others next
     local = np.ones(len(ms), dtype=bool)
     if len(later):
-        ms[later] = cost_model.attention_ms_of(list(zip(starts[later].tolist(), ends[later].tolist(), strict=True)))
+        ms[later] = cost_model.attention_ms_array(starts[later], ends[later])
         local[later] = _later_rows_local(columns, later)
     remote_upto = np.searchsorted(np.flatnonzero(~local), bounds).tolist()  # remote rows before each rank
     local_list = local.tolist() if remote_upto[-1] else []

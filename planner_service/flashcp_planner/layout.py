@@ -169,7 +169,8 @@ def placements_layout(
     Built piece by piece for a few hundred documents, in array passes over the documents beyond
     (only split documents are visited one by one).
     """
-    if len(placement) <= _SMALL:
+    pieces = sum(2 * k if k > 1 else 1 for _, k in placement) if len(placement) <= _SMALL else _SMALL + 1
+    if pieces <= _SMALL:  # (a few documents split over many ranks make many pieces)
         return _layout_of_lists(ctx, placement, fills)
     return _layout_of_arrays(ctx, placement, fills)
 

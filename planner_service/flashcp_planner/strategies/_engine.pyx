@@ -9,7 +9,7 @@ same candidates in the same order, the same floating-point expressions in the sa
 same tie breaks. The Python code stays the reference; tests require identical placements from both
 (tests/core/test_engine.py).
 
-Head-tail shares are computed here in closed form (groups of k >= 4 with every chunk non-empty), the
+Head-tail shares are computed here in closed form (whenever every chunk is non-empty), the
 others taken from the reference (``PlacementSearch.shares``) and copied once into :class:`Block` arrays.
 Only the search modes ``EXACT_NEED`` and ``SHARDING_AWARE`` exist here (the heuristic searches
 ``ALL_GATHER`` under ``SHARDING_AWARE``).
@@ -174,15 +174,16 @@ cdef class Engine:
         key = (d, g0, k)
         block = self.blocks.get(key)
         if block is None:
-            if k >= 4 and self.lengths[d] >= 2 * k:
+            if self.lengths[d] >= 2 * k:
                 block = self._head_tail(d, g0, k)
-            else:  # tiny groups or chunks: the reference's generic path
+            else:  # empty chunks: the reference's generic path
                 block = _block_of(self.search.shares(d, g0, k))
             self.blocks[key] = block
         return <Block> block
 
     cdef Block _head_tail(self, i64 d, i64 g0, i64 k):
-        """:func:`~flashcp_planner.strategies.shares.head_tail_shares`, closed form (k >= 4, length >= 2k)."""
+        """:func:`~flashcp_planner.strategies.shares.head_tail_shares` in closed form (length >= 2k: every
+        chunk non-empty)."""
         cdef Block b = Block(k)
         cdef i64 length = self.lengths[d]
         cdef i64 base = length // (2 * k), rem = length % (2 * k)
@@ -197,7 +198,7 @@ cdef class Engine:
         cdef i64* tails_from = head + 6 * (k + 1)  # tails of positions >= p
         cdef i64* node_tails_from = head + 7 * (k + 1)  # the same within p's node
         cdef double* head_ms = <double*> malloc(k * sizeof(double))
-        assert k >= 4 and length >= 2 * k
+        assert k >= 2 and length >= 2 * k
         if head == NULL or head_ms == NULL:
             free(head)
             free(head_ms)

@@ -39,6 +39,17 @@ cdef class Attention:
             eff = self.ev[lo - 1] + (x - self.lq[lo - 1]) / (self.lq[lo] - self.lq[lo - 1]) * (self.ev[lo] - self.ev[lo - 1])
         return (self.overhead + 4.0 * <double> pairs * self.heads * self.head_dim / (self.rate * eff)) * self.bwd
 
+    def ms_of(self, starts, ends):
+        """``[attention_ms(start, end) ...]`` over two int64 arrays, as a float64 array."""
+        cdef i64[::1] first = np.ascontiguousarray(starts, dtype=np.int64)
+        cdef i64[::1] last = np.ascontiguousarray(ends, dtype=np.int64)
+        cdef Py_ssize_t i
+        out = np.empty(first.shape[0], dtype=np.float64)
+        cdef double[::1] view = out
+        for i in range(first.shape[0]):
+            view[i] = self.ms(first[i], last[i])
+        return out
+
     def whole_ms(self, i64[::1] lengths):
         """``[attention_ms(0, length) for length in lengths]`` as a float64 array."""
         cdef Py_ssize_t i
