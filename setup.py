@@ -2,7 +2,7 @@
 
 The extension is optional: without a C compiler the install still succeeds and the
 planner runs its pure-Python reference search (same plans, slower; see
-``flashcp_planner.strategies.native``).
+``flashcp_planner.strategies.flashcp.NATIVE_AVAILABLE``).
 """
 
 from Cython.Build import cythonize
