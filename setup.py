@@ -13,13 +13,14 @@ engine = Extension(
     ["planner_service/flashcp_planner/strategies/_engine.pyx"],
     # No FMA contraction or fast-math: plans must be byte-identical to the Python reference on any machine.
     extra_compile_args=["-O2", "-ffp-contract=off", "-fno-fast-math"],
-    optional=True,
 )
 
-setup(
-    ext_modules=cythonize(
-        [engine],
-        language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": False},
-    )
+extensions = cythonize(
+    [engine],
+    language_level=3,
+    compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": False},
 )
+for extension in extensions:
+    extension.optional = True  # a failed compile leaves the Python search (cythonize drops this flag)
+
+setup(ext_modules=extensions)
