@@ -151,3 +151,27 @@ def test_plans_scored_through_the_seeded_memo_equal_fresh_scoring(workload, cp_s
     layout = placements_layout(fresh, *heuristic_placements(fresh, CommMode.EXACT_NEED, native=False))
     reference = build_plan(fresh, layout, strategy="flashcp", comm=CommMode.EXACT_NEED)
     assert seeded.to_json() == reference.to_json()
+
+
+def test_flashcp_native_0_runs_the_python_search_with_the_same_plans():
+    """``FLASHCP_NATIVE=0`` (read at import) switches a whole process to the Python search; the CLI's
+    JSON plans are the same either way."""
+    import json
+    import subprocess
+    import sys
+
+    [lengths] = generate("prolong", context=16 * 32768, seed=11)
+    text = json.dumps([lengths[:24], lengths])  # a small and a large micro-batch
+    script = ("import sys; from flashcp_planner.cli import main; from flashcp_planner.strategies import flashcp; "
+              "print(flashcp._NATIVE_DEFAULT, file=sys.stderr); sys.exit(main(sys.argv[1:]))")
+    outputs = {}
+    for value in ("1", "0"):
+        run = subprocess.run(
+            [sys.executable, "-c", script, "plan", "--lengths", "-", "--cp", "16", "--format", "json"],
+            input=text, capture_output=True, text=True, check=True,
+            env={**os.environ, "FLASHCP_NATIVE": value},
+        )
+        assert run.stderr.strip().splitlines()[-1] == str(value == "1")
+        outputs[value] = run.stdout
+    assert outputs["1"] == outputs["0"]
+    assert len(json.loads(outputs["1"])["plans"]) == 2
