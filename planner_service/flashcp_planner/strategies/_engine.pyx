@@ -82,6 +82,7 @@ cdef class Engine:
         self.ks_list = list(search.ks)
         self.ks = np.asarray(self.ks_list, dtype=np.int64)
         self.num_ks = len(self.ks_list)
+        assert self.num_ks <= 13, "group sizes of N <= 4096 (_choose keeps 27 candidates)"
         self.blocks = {}
         self.whole_a = Block(1)
         self.whole_b = Block(1)
