@@ -177,8 +177,8 @@ cdef class Engine:
         if block is None:
             if self.lengths[d] >= 2 * k:
                 block = self._head_tail(d, g0, k)
-            else:  # empty chunks: the reference's generic path
-                block = _block_of(self.search.shares(d, g0, k))
+            else:  # some chunks empty
+                block = self._short_head_tail(d, g0, k)
             self.blocks[key] = block
         return <Block> block
 
@@ -269,6 +269,101 @@ cdef class Engine:
         finally:
             free(head)
             free(head_ms)
+        return b
+
+    cdef Block _short_head_tail(self, i64 d, i64 g0, i64 k):
+        """:func:`~flashcp_planner.strategies.shares.pieces_shares` of the head-tail pieces of a document
+        shorter than 2k (empty chunks omitted): one share per rank holding tokens, in order of first piece."""
+        cdef i64 length = self.lengths[d], p, i, j, q, m = 0, num_pieces = 0, start = 0, size, node, first_node
+        cdef i64 total = 0, readers = 0, same
+        cdef double ms
+        cdef i64 w = 2 * k + 1  # room for every piece (at most 2k) or position
+        cdef i64* head = <i64*> calloc(12 * w, sizeof(i64))
+        cdef i64* tail = head + w
+        cdef i64* piece_pos = head + 2 * w  # per piece: its position in the group
+        cdef i64* piece_start = head + 3 * w
+        cdef i64* piece_end = head + 4 * w
+        cdef i64* slot = head + 5 * w  # per position: its share index + 1 (0: none yet)
+        cdef i64* prefix = head + 6 * w  # per share: keys [0, prefix) held
+        cdef i64* last_piece = head + 7 * w  # per share: the index of its last piece
+        cdef i64* ending_at = head + 8 * w  # per piece: the share index + 1 whose last piece it is
+        cdef i64* node_sum = head + 9 * w  # per node of the group
+        cdef i64* node_count = head + 10 * w
+        cdef Block b
+        if head == NULL:
+            raise MemoryError()
+        assert length < 2 * k <= 2 * self.n
+        try:
+            first_node = g0 // self.gpn
+            for i in range(length):  # head_tail_sizes with base 0
+                p = (d + i) % k
+                if i < k:
+                    head[p] += 1
+                else:
+                    tail[p] += 1
+            for p in range(k):  # pieces in document order: heads by position, tails by descending position
+                if head[p]:
+                    piece_pos[num_pieces], piece_start[num_pieces], piece_end[num_pieces] = p, start, start + head[p]
+                    start += head[p]
+                    num_pieces += 1
+            for p in range(k - 1, -1, -1):
+                if tail[p]:
+                    piece_pos[num_pieces], piece_start[num_pieces], piece_end[num_pieces] = p, start, start + tail[p]
+                    start += tail[p]
+                    num_pieces += 1
+            for i in range(num_pieces):
+                if not slot[piece_pos[i]]:
+                    m += 1
+                    slot[piece_pos[i]] = m
+            b = Block(m)
+            for j in range(m):
+                b.tok[j] = b.ri[j] = b.rx[j] = b.si[j] = b.sx[j] = 0
+                b.attn[j] = b.local[j] = 0.0
+            for i in range(num_pieces):
+                j = slot[piece_pos[i]] - 1
+                b.rank[j] = g0 + piece_pos[i]
+                ms = self.attention.ms(piece_start[i], piece_end[i])
+                b.tok[j] += piece_end[i] - piece_start[i]
+                b.attn[j] += ms
+                if piece_start[i] == prefix[j]:  # keys [0, end) all held by this rank
+                    prefix[j] = piece_end[i]
+                    b.local[j] += ms
+                last_piece[j] = i
+            if m > 1 and self.exact_need:  # shares._exact_need_traffic
+                for j in range(m):
+                    ending_at[last_piece[j]] = j + 1
+                for i in range(num_pieces):
+                    node = (g0 + piece_pos[i]) // self.gpn - first_node
+                    node_sum[node] += piece_end[i] - piece_start[i]
+                    total += piece_end[i] - piece_start[i]
+                    if ending_at[i]:
+                        j = ending_at[i] - 1
+                        same = node_sum[b.rank[j] // self.gpn - first_node]
+                        b.ri[j] = same - b.tok[j]
+                        b.rx[j] = total - same
+                for i in range(num_pieces - 1, -1, -1):  # readers of each piece: holders ending at or after it
+                    if ending_at[i]:
+                        node_count[b.rank[ending_at[i] - 1] // self.gpn - first_node] += 1
+                        readers += 1
+                    j = slot[piece_pos[i]] - 1
+                    size = piece_end[i] - piece_start[i]
+                    same = node_count[(g0 + piece_pos[i]) // self.gpn - first_node] - 1  # the owner reads its own
+                    b.si[j] += size * same
+                    b.sx[j] += size * (readers - 1 - same)
+            elif m > 1:  # sharding aware: every holder receives every other holder's tokens
+                for j in range(m):
+                    node = b.rank[j] // self.gpn - first_node
+                    node_sum[node] += b.tok[j]
+                    node_count[node] += 1
+                    total += b.tok[j]
+                for j in range(m):
+                    node = b.rank[j] // self.gpn - first_node
+                    b.ri[j] = node_sum[node] - b.tok[j]
+                    b.rx[j] = total - node_sum[node]
+                    b.si[j] = b.tok[j] * (node_count[node] - 1)
+                    b.sx[j] = b.tok[j] * (m - node_count[node])
+        finally:
+            free(head)
         return b
 
     def shares(self, i64 d, i64 g0, i64 k):
