@@ -9,8 +9,9 @@ same candidates in the same order, the same floating-point expressions in the sa
 same tie breaks. The Python code stays the reference; tests require identical placements from both
 (tests/core/test_engine.py).
 
-Head-tail shares are computed here in closed form (whenever every chunk is non-empty), the
-others taken from the reference (``PlacementSearch.shares``) and copied once into :class:`Block` arrays.
+Head-tail shares are computed here (in closed form when every chunk is non-empty, piece by piece
+otherwise); the shares of fill-cut documents come from the reference (``pieces_shares``), copied once
+into :class:`Block` arrays.
 Only the search modes ``EXACT_NEED`` and ``SHARDING_AWARE`` exist here (the heuristic searches
 ``ALL_GATHER`` under ``SHARDING_AWARE``).
 """
