@@ -125,7 +125,8 @@ def test_whole_document_attention_is_the_cost_models_float_for_float(lengths, cu
     cm = dataclasses.replace(_cost_model(8, 1.0, curve_decreasing), attention_segment_overhead_ms=overhead,
                              attention_tflops=tflops)
     array = np.array(lengths, dtype=np.int64)
-    assert flashcp.Attention(cm).whole_ms(array).tolist() == [cm.attention_ms(0, length) for length in lengths]
+    assert flashcp.Attention(cm).ms_of(np.zeros_like(array), array).tolist() == [
+        cm.attention_ms(0, length) for length in lengths]
 
 
 def test_per_doc_lower_bound_agrees_with_the_array_formula():

@@ -1069,13 +1069,13 @@ cdef class Run(Sums):
                 journal_d[0], journal_g0[0], journal_k[0] = d, self.g0[d], self.k[d]
                 num_journal = 1
                 self.move(d, g0, k)
-                totals = self.fill_totals()
+                totals = self.fill_totals()  # (the targets are ranked once, after moving d, as in the reference)
+                _target_marks(totals, n, num_targets, &mark[0], self.scratch2)
                 for a in range(num_evicted):
                     ev = e.longest_first[evicted[a]]
                     best_s, best_t = self.g0[ev], math.inf
-                    _target_marks(totals, n, num_targets, &mark[0], self.g0[ev], self.scratch2)
-                    for s in range(n):
-                        if not mark[s]:
+                    for s in range(n):  # its rank and the targets, in rank order
+                        if not mark[s] and s != self.g0[ev]:
                             continue
                         t = self.peek(e._shares(ev, self.g0[ev], 1, e.whole_a), e._shares(ev, s, 1, e.whole_b), &ok)
                         if ok and t < best_t:

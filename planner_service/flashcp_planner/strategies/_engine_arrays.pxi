@@ -222,13 +222,12 @@ cdef void _ranks_by_time(double* totals, Py_ssize_t n, i64* out) noexcept:
         out[q] = x
 
 
-cdef void _target_marks(double* totals, Py_ssize_t n, Py_ssize_t count, i64* mark, i64 current, i64* scratch) noexcept:
-    """Mark ``{current, *the count least-loaded ranks}`` (ties by rank) in ``mark`` (n entries)."""
+cdef void _target_marks(double* totals, Py_ssize_t n, Py_ssize_t count, i64* mark, i64* scratch) noexcept:
+    """Mark the ``count`` least-loaded ranks (ties by rank) in ``mark`` (n entries)."""
     cdef Py_ssize_t x
     _ranks_by_time(totals, n, scratch)
     for x in range(n):
         mark[x] = 0
-    mark[current] = 1
     for x in range(count if count < n else n):
         mark[scratch[x]] = 1
 

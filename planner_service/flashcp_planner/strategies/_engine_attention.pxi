@@ -50,16 +50,6 @@ cdef class Attention:
             view[i] = self.ms(first[i], last[i])
         return out
 
-    def whole_ms(self, i64[::1] lengths):
-        """``[attention_ms(0, length) for length in lengths]`` as a float64 array."""
-        cdef Py_ssize_t i
-        out = np.empty(lengths.shape[0], dtype=np.float64)
-        cdef double[::1] view = out
-        for i in range(lengths.shape[0]):
-            view[i] = self.ms(0, lengths[i])
-        return out
-
-
     def per_doc_lower_bound(self, i64[::1] lengths, i64 n, double linear_ms_per_token):
         """The bound of ``flashcp.per_doc_lower_bound`` in one pass (sums in another order: the caller's
         relative margin covers the difference)."""
