@@ -23,7 +23,7 @@ import json
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise, repeat
+from itertools import chain, pairwise, repeat
 from typing import Any, NamedTuple, overload
 
 import numpy as np
@@ -163,6 +163,18 @@ class Segments(Sequence[Segment]):
         docs, starts, ends = (tuple(column.tolist()) for column in self._arrays)
         self._docs, self._starts, self._ends = docs, starts, ends  # (a racing thread builds equal ones)
         return docs, starts, ends
+
+    def lists(self) -> list[list[int]]:
+        """The records as ``[[doc, start, end], ...]`` (the JSON form)."""
+        if self._arrays is not None:
+            return np.stack(self._arrays, axis=1).tolist()
+        return list(map(list, zip(self.docs, self.starts, self.ends, strict=True)))
+
+    def flat(self) -> list[int]:
+        """The records flattened into ``[doc_0, start_0, end_0, doc_1, ...]`` (the wire form)."""
+        if self._arrays is not None:
+            return np.stack(self._arrays, axis=1).ravel().tolist()
+        return list(chain.from_iterable(zip(self.docs, self.starts, self.ends, strict=True)))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The columns ``(docs, starts, ends)`` as int64 arrays (shared, not to be modified)."""
@@ -414,6 +426,18 @@ class RankPlan:
         return self.segments.num_tokens
 
 
+def _document_dicts(documents: Sequence[DocSharding]) -> list[dict[str, Any]]:
+    """The JSON form of a plan's document records; whole documents of the compact form without records."""
+    if not isinstance(documents, Shardings):
+        return [{"doc": d.doc, "sharding": d.kind.value, "ranks": list(d.ranks)} for d in documents]
+    whole, split = ShardingKind.WHOLE.value, documents.split
+    return [
+        {"doc": doc, "sharding": whole, "ranks": [rank]} if rank >= 0
+        else {"doc": doc, "sharding": split[doc].kind.value, "ranks": list(split[doc].ranks)}
+        for doc, rank in enumerate(documents.whole_rank)
+    ]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Optimality:
     """Solver report attached to plans produced by an exact strategy."""
@@ -488,8 +512,7 @@ class Plan:
             "ranks": [
                 {
                     "rank": rp.rank,
-                    "segments": list(map(list, zip(rp.segments.docs, rp.segments.starts, rp.segments.ends,
-                                                   strict=True))),
+                    "segments": rp.segments.lists(),
                     "tokens": rp.cost.tokens,
                     "linear_ms": rp.cost.linear_ms,
                     "attention_ms": rp.cost.attention_ms,
@@ -501,9 +524,7 @@ class Plan:
                 }
                 for rp in self.ranks
             ],
-            "documents": [
-                {"doc": d.doc, "sharding": d.kind.value, "ranks": list(d.ranks)} for d in self.documents
-            ],
+            "documents": _document_dicts(self.documents),
             "transfers": [] if self.comm is CommMode.ALL_GATHER else list(map(list, kv_transfers(self))),
         }
         if self.optimality is not None:

@@ -59,8 +59,8 @@ def _check_finite(plan: Plan) -> None:
 class PlannerService:
     """Plans requests for any transport, enforcing the server's limits.
 
-    Heuristic strategies run in a thread pool (or, below
-    ``settings.inline_max_documents``, on the event loop). Exact strategies
+    Heuristic strategies run in a thread pool (or, up to
+    ``settings.inline_max_document_ranks``, on the event loop). Exact strategies
     (``is_optimal``, i.e. ``optimum``) run one process per search
     (:class:`SolverProcess`), at most ``settings.solver_workers`` at a time with
     at most ``settings.solver_queue`` more waiting, so heuristic requests never
@@ -214,7 +214,7 @@ class PlannerService:
 
     async def _heuristic(self, fn, request: PlanRequest, *args):
         num_documents = sum(len(mb) for mb in request.micro_batches)
-        if num_documents <= self.settings.inline_max_documents:
+        if num_documents * request.cp_size <= self.settings.inline_max_document_ranks:
             return fn(request, *args)
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, request, *args)
 

@@ -278,8 +278,8 @@ def total_documents(message: pb.PlanRequest | pb.CompareRequest) -> int:
 # shardings). Both directions stay in C loops: ``extend(chain.from_iterable(records))``
 # flattens named tuples, ``zip(it, it, it)`` regroups a flat list, and
 # ``tuple.__new__(KVTransfer, record)`` builds the very named tuple ``KVTransfer(*record)``
-# would, without the Python-level ``__new__`` that named tuples define. Segments travel
-# to and from the column form of :class:`Segments` (strided slices of the flat list).
+# would, without the Python-level ``__new__`` that named tuples define. Segments leave as
+# :meth:`Segments.flat` and come back as columns (strided slices of the flat list).
 _flatten = itertools.chain.from_iterable
 _new_transfer = functools.partial(tuple.__new__, KVTransfer)
 _new_doc_sharding = functools.partial(tuple.__new__, DocSharding)
@@ -324,7 +324,7 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None, *, list_transfers: bool =
             total_ms=c.total_ms,
             recv_bytes=c.recv_bytes,
             send_bytes=c.send_bytes,
-        ).segments.extend(_flatten(zip(rp.segments.docs, rp.segments.starts, rp.segments.ends, strict=True)))
+        ).segments.extend(rp.segments.flat())
     documents = plan.documents
     if isinstance(documents, Shardings):  # compact form: whole documents as a rank column
         _fill_compact_shardings(message.documents, documents)

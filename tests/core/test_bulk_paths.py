@@ -30,6 +30,10 @@ def test_segments_over_arrays_behave_like_the_tuple_columns():
     assert lazy.docs == (3, 5, 7) and type(lazy.docs[0]) is int and lazy.num_tokens == 17
     assert pickle.loads(pickle.dumps(lazy)) == eager and repr(lazy) == repr(eager)
     assert all(np.array_equal(a, b) for a, b in zip(eager.arrays(), columns, strict=True))
+    flat = [3, 0, 10, 5, 4, 9, 7, 0, 2]
+    assert Segments.of_arrays(*columns).flat() == Segments.of(records).flat() == flat
+    assert all(type(x) is int for x in Segments.of_arrays(*columns).flat())
+    assert Segments.of_arrays(*(c[:0] for c in columns)).flat() == Segments().flat() == []
     with pytest.raises(ValueError, match="columns"):
         Segments.of_arrays(columns[0], columns[1][:2], columns[2])
 
@@ -133,7 +137,10 @@ def test_layout_from_lists_equals_layout_from_arrays(monkeypatch, few_chunks):
         assert placements_layout(ctx, placement, fills).rank_segments == from_lists.rank_segments
         for comm in CommMode:  # the segment-by-segment and the columns evaluation
             expected = build_plan(ctx, from_lists, strategy="flashcp", comm=comm).to_json()
-            assert build_plan(ctx, from_arrays, strategy="flashcp", comm=comm).to_json() == expected
+            plan = build_plan(ctx, from_arrays, strategy="flashcp", comm=comm)
+            assert plan.to_json() == expected
+            # The compact documents' JSON equals the records' (whole documents have no record).
+            assert dataclasses.replace(plan, documents=tuple(plan.documents)).to_json() == expected
 
 
 @given(lengths=st.lists(st.one_of(st.integers(1, 2000), st.integers(1, 2**31)), min_size=1, max_size=3000),

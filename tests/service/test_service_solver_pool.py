@@ -1,4 +1,5 @@
 """Exact searches run in bounded, killable processes: heuristics never wait, overload is refused, cancels free slots.
+Small heuristic requests are planned on the event loop, larger ones in the heuristic threads.
 
 The search processes run :func:`gated_solve`, which records its pid and waits
 for a gate file before calling the real planner, so every ordering below is
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import grpc
 import pytest
 from service_testing import GrpcServerThread, small_settings
 
+import flashcp_planner
 from flashcp import codec
 from flashcp.v1 import planner_pb2 as pb
 from flashcp_planner import PlanOptions, PlanRequest, plan
@@ -82,6 +85,29 @@ def test_optimum_through_the_pool_equals_in_process_planning() -> None:
     expected = plan(_optimum())
     assert [p.to_dict(include_timing=False) for p in served] == [p.to_dict(include_timing=False) for p in expected]
     assert served[0].optimality is not None and served[0].optimality.status == "optimal"
+
+
+@pytest.mark.parametrize(
+    ("inline_max_document_ranks", "expected"),
+    [(8, ["MainThread", "flashcp-plan"]), (0, ["flashcp-plan", "flashcp-plan"])],
+)
+def test_heuristic_requests_up_to_the_inline_limit_plan_on_the_loop(
+    monkeypatch, inline_max_document_ranks: int, expected: list[str]
+) -> None:
+    where: list[str] = []
+
+    def recording_plan(request):
+        where.append(threading.current_thread().name.split("_")[0])
+        return plan(request)
+
+    monkeypatch.setattr(flashcp_planner, "plan", recording_plan)
+    service = PlannerService(small_settings(inline_max_document_ranks=inline_max_document_ranks))
+    try:
+        for lengths in ([100, 200, 300, 400], [100, 200, 300, 400, 500]):  # 4 x 2 and 5 x 2 document-ranks
+            asyncio.run(service.plan(PlanRequest(micro_batches=[lengths], cp_size=2)))
+    finally:
+        service.close()
+    assert where == expected
 
 
 def test_heuristics_do_not_wait_for_a_search_and_overload_is_refused(gate: Path) -> None:
