@@ -8,7 +8,11 @@ second. The in-process ``flashcp_planner.plan`` time of the same requests is
 the baseline; "overhead" is the p50 difference at 1 client. A last run
 measures sustained throughput of 128-document requests with 32 clients.
 The gRPC goal cells are repeated with ``omit_transfers`` set, as the
-``flashcp_client`` library sends its requests. The load average of the
+``flashcp_client`` library sends its requests. For the latency goal cell a
+floor is measured too: a bare grpc.aio server (``--canned-server``) that
+answers every call with a pre-encoded response of the same size, and the
+server's own work for that request run in-process (parse, decode, plan,
+encode, serialize). The load average of the
 machine at the start and the end is recorded (other work skews every figure).
 
 Clients and server share this machine's cores, so client-side work (encoding,
@@ -38,7 +42,8 @@ from pathlib import Path
 import grpc
 import httpx
 
-from flashcp import codec
+from flashcp import SERVICE_NAME, codec
+from flashcp.v1 import planner_pb2 as pb
 from flashcp.v1 import planner_pb2_grpc
 from flashcp_planner import PlanRequest, plan
 
@@ -149,6 +154,60 @@ async def drive(transport: str, target: str, requests: list[PlanRequest], client
     return latencies, time.perf_counter() - started_all, errors
 
 
+def server_work(requests: list[PlanRequest], seconds: float, min_runs: int) -> list[float]:
+    """What the server does for each request, in-process: parse, decode, plan, encode, serialize."""
+    wire = [codec.request_to_pb(r).SerializeToString() for r in requests]
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < deadline or len(latencies) < min_runs:
+        started = time.perf_counter()
+        request = codec.request_from_pb(pb.PlanRequest.FromString(wire[i % len(wire)]))
+        response = pb.PlanResponse()
+        for p in plan(request):
+            codec.plan_to_pb(p, response.plans.add())
+        response.SerializeToString()
+        latencies.append(time.perf_counter() - started)
+        i += 1
+    return latencies
+
+
+def serve_canned(num_docs: int, cp_size: int) -> None:
+    """``--canned-server``: a bare grpc.aio Planner.Plan answering with one pre-encoded plan response."""
+    request = make_requests(num_docs, cp_size, count=1, seed=num_docs * 1000 + cp_size)[0]
+    response = pb.PlanResponse()
+    for p in plan(request):
+        codec.plan_to_pb(p, response.plans.add())
+    canned = response.SerializeToString()
+
+    async def answer(request: bytes, context) -> bytes:
+        return canned
+
+    async def run() -> None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        handler = grpc.unary_unary_rpc_method_handler(answer)  # bytes in, bytes out: no (de)serialization
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Plan": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def measure_floor(requests: list[PlanRequest], seconds: float) -> tuple[float, float]:
+    """p50 ms of (a bare gRPC round trip with a same-size canned answer, the server's work in-process)."""
+    process = subprocess.Popen([sys.executable, __file__, "--canned-server"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(process.stdout.readline())
+        latencies, _, _ = asyncio.run(drive("grpc", f"127.0.0.1:{port}", requests, 1, seconds, 20))
+    finally:
+        process.terminate()
+        process.wait(60)
+    work = server_work(requests, seconds, 20)
+    return 1e3 * statistics.median(latencies), 1e3 * statistics.median(work)
+
+
 def start_server(log_dir: Path) -> tuple[subprocess.Popen, str, str]:
     log_path = log_dir / "server.log"
     with log_path.open("wb") as log:
@@ -178,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (about a minute in all)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--canned-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.canned_server:
+        serve_canned(1024, 8)
+        return 0
     seconds = 1.0 if args.quick else 3.0
     throughput_seconds = 3.0 if args.quick else 10.0
     sizes = [(64, 8), (64, 64), (1024, 8), (1024, 64), (16384, 8), (16384, 64)]
@@ -219,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                                   f"p50 {omit_goal.p50_ms:9.2f} ms  p99 {omit_goal.p99_ms:9.2f} ms  "
                                   f"{omit_goal.plans_per_s:8.1f} plans/s  errors {omit_goal.errors}  (omit_transfers)",
                                   flush=True)
+                if (num_docs, cp_size) == (1024, 8):
+                    round_trip, work = measure_floor(requests, seconds)
+                    print(f"floor docs={num_docs} N={cp_size}: canned gRPC round trip p50 {round_trip:.2f} ms, "
+                          f"server work in-process p50 {work:.2f} ms", flush=True)
             tput_requests = make_requests(128, 8, count=8, seed=128)
             local_128 = 1e3 * statistics.median(in_process(tput_requests, seconds, 20))
             throughput = {}
@@ -264,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         f"gRPC with `omit_transfers` (as `flashcp_client` sends), 1,024 documents at N=8, 1 client, measured "
         f"right after the same cell without it: p50 {omit_goal.p50_ms:.2f} ms, p99 {omit_goal.p99_ms:.2f} ms, "
         f"{omit_goal.plans_per_s:.1f} plans/s, errors {omit_goal.errors}.",
+        "",
+        f"Floor of the latency goal cell (1,024 documents at N=8, 1 client), measured right after it: a bare "
+        f"grpc.aio server answering with a pre-encoded response of the same size, p50 {round_trip:.2f} ms round "
+        f"trip; the server's work for the request run in-process (parse, decode, plan, encode, serialize), p50 "
+        f"{work:.2f} ms; together {round_trip + work:.2f} ms.",
         "",
         f"Goals: gRPC p50 < 2 ms and p99 < 10 ms for 1,024 documents at N=8 (measured: p50 {goal.p50_ms:.2f} ms, "
         f"p99 {goal.p99_ms:.2f} ms; in-process planning alone: {baseline[1024, 8]:.2f} ms); "

@@ -132,12 +132,18 @@ class PlannerServicer:
         record.documents = sum(len(mb) for mb in request.micro_batches)
         record.strategy = request.strategy
         plans = await self.service.plan(request, time_remaining_s=time_remaining_s)
-        response = pb.PlanResponse(request_id=message.request_id or record.request_id, planner_version=planner_version)
         list_transfers = not message.omit_transfers
-        for p in plans:
-            # In place: extend() would deep-copy every plan.
-            codec.plan_to_pb(p, response.plans.add(), list_transfers=list_transfers)
-        return response
+
+        def encode() -> pb.PlanResponse:
+            response = pb.PlanResponse(
+                request_id=message.request_id or record.request_id, planner_version=planner_version
+            )
+            for p in plans:
+                # In place: extend() would deep-copy every plan.
+                codec.plan_to_pb(p, response.plans.add(), list_transfers=list_transfers)
+            return response
+
+        return await self.service.encode(plans, encode)
 
     async def Plan(self, request: pb.PlanRequest, context: grpc.aio.ServicerContext) -> pb.PlanResponse:
         return await self._call(context, "Plan", lambda record: self._plan(request, record, context.time_remaining()))
@@ -190,10 +196,13 @@ class PlannerServicer:
         record.documents = sum(len(mb) for mb in request.micro_batches)
         record.strategy = ",".join(strategies or ())
         rows = await self.service.compare(request, strategies, time_remaining_s=time_remaining_s)
-        return pb.CompareResponse(
-            comparisons=codec.comparisons_to_pb(rows, list_transfers=not message.omit_transfers),
-            request_id=message.request_id or record.request_id,
-            planner_version=planner_version,
+        return await self.service.encode(
+            (c.plan for row in rows for c in row if c.plan is not None),
+            lambda: pb.CompareResponse(
+                comparisons=codec.comparisons_to_pb(rows, list_transfers=not message.omit_transfers),
+                request_id=message.request_id or record.request_id,
+                planner_version=planner_version,
+            ),
         )
 
     async def Compare(self, request: pb.CompareRequest, context: grpc.aio.ServicerContext) -> pb.CompareResponse:

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -238,6 +238,11 @@ def create_app(service: PlannerService) -> Any:
         "Same contract as the gRPC service flashcp.v1.Planner.",
     )
 
+    async def _json_of_plans(plans: Iterable[Plan], data: Callable[[], Any]) -> Response:
+        """The JSON response of ``data()``, built where :meth:`PlannerService.encode` puts the work."""
+        content = await service.encode(plans, lambda: orjson.dumps(data()))
+        return Response(content=content, media_type="application/json")
+
     def record_of(request: Request) -> RequestRecord | None:
         return request.scope.get(_RECORD_KEY)
 
@@ -287,7 +292,7 @@ def create_app(service: PlannerService) -> Any:
         )
         work = service.plan(body.to_request(service.default_cost_model))
         plans = await (_unless_disconnected(request, work) if _is_exact(body.strategy) else work)
-        return _json({"plans": [_plan_dict(p, body.omit_transfers) for p in plans]})
+        return await _json_of_plans(plans, lambda: {"plans": [_plan_dict(p, body.omit_transfers) for p in plans]})
 
     @api.post("/v1/compare", response_model=CompareResponseModel, responses=_ERROR_RESPONSES)
     async def compare(body: CompareBody, request: Request) -> Response:
@@ -299,20 +304,25 @@ def create_app(service: PlannerService) -> Any:
         work = service.compare(body.to_request(service.default_cost_model), body.strategies)
         exact = any(_is_exact(name) for name in body.strategies or service.strategies())
         rows = await (_unless_disconnected(request, work) if exact else work)
-        comparisons = [
-            {
-                "results": [
+
+        def comparisons() -> dict[str, Any]:
+            return {
+                "comparisons": [
                     {
-                        "strategy": c.strategy,
-                        "plan": _plan_dict(c.plan, body.omit_transfers) if c.plan else None,
-                        "error": c.error,
+                        "results": [
+                            {
+                                "strategy": c.strategy,
+                                "plan": _plan_dict(c.plan, body.omit_transfers) if c.plan else None,
+                                "error": c.error,
+                            }
+                            for c in row
+                        ]
                     }
-                    for c in row
+                    for row in rows
                 ]
             }
-            for row in rows
-        ]
-        return _json({"comparisons": comparisons})
+
+        return await _json_of_plans((c.plan for row in rows for c in row if c.plan is not None), comparisons)
 
     @api.get("/v1/cost-models", response_model=CostModelsResponseModel)
     async def cost_models() -> Response:

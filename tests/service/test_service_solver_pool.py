@@ -110,6 +110,21 @@ def test_heuristic_requests_up_to_the_inline_limit_plan_on_the_loop(
     assert where == expected
 
 
+def test_plans_over_the_inline_limit_are_encoded_in_a_heuristic_thread() -> None:
+    service = PlannerService(small_settings(inline_max_document_ranks=8))
+    small = plan(PlanRequest(micro_batches=[[100, 200]], cp_size=1))  # 2 segments x 1 rank
+    large = plan(PlanRequest(micro_batches=[[100] * 5], cp_size=2))  # at least 5 segments x 2 ranks
+
+    def encoder():
+        return threading.current_thread().name.split("_")[0]
+
+    try:
+        where = [asyncio.run(service.encode(plans, encoder)) for plans in (small, large)]
+    finally:
+        service.close()
+    assert where == ["MainThread", "flashcp-plan"]
+
+
 def test_heuristics_do_not_wait_for_a_search_and_overload_is_refused(gate: Path) -> None:
     service = GatedService(small_settings(solver_workers=1, solver_queue=1), gate)
 
