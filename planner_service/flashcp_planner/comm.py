@@ -12,7 +12,14 @@ from flashcp_planner.model import CommMode, KVTransfer, Plan, RankColumns, Segme
 _new = tuple.__new__
 """Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
 
-__all__ = ["derive_transfers", "kv_transfers", "traffic_of_columns", "transfers_and_traffic"]
+__all__ = [
+    "derive_transfers",
+    "kv_transfer_rows",
+    "kv_transfers",
+    "traffic_of_columns",
+    "transfer_rows",
+    "transfers_and_traffic",
+]
 
 
 Traffic = list[list[int]]
@@ -29,6 +36,50 @@ def derive_transfers(rank_segments: Sequence[Sequence[Segment]], comm: CommMode)
     ``ALL_GATHER``. Result sorted by ``(dst, doc, start, src)``.
     """
     return transfers_and_traffic(rank_segments, comm, 1)[0]
+
+
+def transfer_rows(columns: RankColumns, comm: CommMode) -> np.ndarray:
+    """The transfers of :func:`derive_transfers` as rows ``(src, dst, doc, start, end)`` of an int64
+    array, in the same order, from columns in array passes (``EXACT_NEED`` and ``SHARDING_AWARE``).
+
+    Holder h of a split document (a rank with pieces of it) reads the document's pieces ``0..need[h]``
+    in ``(start, end, rank)`` order; every one it does not hold is a transfer to it. Holders are
+    expanded in ``(dst, doc)`` order, so the rows come out sorted.
+    """
+    assert comm is not CommMode.ALL_GATHER, "all-gather transfers are implied, not listed in arrays"
+    no_rows = np.empty((0, 5), dtype=np.int64)
+    split_rows = _split_rows(columns)
+    if split_rows is None:
+        return no_rows
+    rows, rank = split_rows
+    pieces = _Pieces.of(columns, rows, rank, 1)
+    holder_last = pieces.holder_last()
+    if comm is CommMode.EXACT_NEED:  # up to the holder's own last piece
+        need = pieces.index[holder_last]
+    else:  # the whole document
+        need = (np.append(pieces.doc_first[1:], len(pieces.rows)) - 1 - pieces.doc_first)[pieces.doc[holder_last]]
+    by_dst = np.lexsort((pieces.doc[holder_last], pieces.rank[holder_last]))
+    holder_last, need = holder_last[by_dst], need[by_dst]
+    counts = need + 1
+    before = np.cumsum(counts) - counts
+    piece = np.arange(int(counts.sum())) + np.repeat(pieces.doc_first[pieces.doc[holder_last]] - before, counts)
+    dst = np.repeat(pieces.rank[holder_last], counts)
+    src = pieces.rank[piece]
+    keep = src != dst
+    row = pieces.rows[piece[keep]]
+    return np.stack([src[keep], dst[keep], columns.docs[row], columns.starts[row], columns.ends[row]], axis=1)
+
+
+def _split_rows(columns: RankColumns) -> tuple[np.ndarray, np.ndarray] | None:
+    """The rows of every piece of a split document (one with a piece not starting at token 0) and
+    their ranks; None when no document is split."""
+    docs, later = columns.docs, np.flatnonzero(columns.starts)
+    if not len(later):
+        return None
+    split = np.zeros(int(docs.max()) + 1, dtype=bool)
+    split[docs[later]] = True
+    rows = np.flatnonzero(split[docs])
+    return rows, np.searchsorted(columns.bounds, rows, side="right") - 1
 
 
 def transfers_and_traffic(
@@ -123,13 +174,11 @@ def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int)
         return _all_gather_traffic(columns.tokens(), gpus_per_node)
     recv = [[0, 0] for _ in range(n)]
     send = [[0, 0] for _ in range(n)]
-    docs, later = columns.docs, np.flatnonzero(columns.starts)
-    if not len(later):
+    split_rows = _split_rows(columns)
+    if split_rows is None:
         return recv, send
-    split = np.zeros(int(docs.max()) + 1, dtype=bool)
-    split[docs[later]] = True
-    rows = np.flatnonzero(split[docs])  # the pieces of split documents
-    rank = np.searchsorted(columns.bounds, rows, side="right") - 1
+    rows, rank = split_rows
+    docs = columns.docs
     exact = comm is CommMode.EXACT_NEED
     if len(rows) <= _FEW_PIECES:
         owners: dict[int, list[tuple[int, int, int]]] = {}
@@ -159,7 +208,9 @@ class _Pieces:
     """The pieces of split documents as arrays, by document then ``(start, end, rank)``, as
     :func:`transfers_and_traffic` orders them; ``index`` is a piece's position in its document."""
 
-    def __init__(self, doc: np.ndarray, length: np.ndarray, rank: np.ndarray, gpn: int) -> None:
+    def __init__(self, rows: np.ndarray, doc: np.ndarray, length: np.ndarray, rank: np.ndarray, gpn: int) -> None:
+        self.rows = rows
+        """Every piece's row in the columns it came from."""
         self.rank, self.length, self.node = rank, length, rank // gpn
         first = np.ones(len(doc), dtype=bool)
         first[1:] = doc[1:] != doc[:-1]
@@ -175,15 +226,26 @@ class _Pieces:
         """The pieces in ``rows`` of ``columns``, held by ``rank``."""
         doc, start, end = columns.docs[rows], columns.starts[rows], columns.ends[rows]
         order = np.lexsort((rank, end, start, doc))
-        return cls(doc[order], (end - start)[order], rank[order], gpn)
+        return cls(rows[order], doc[order], (end - start)[order], rank[order], gpn)
+
+    def _holders(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pieces by holder, a (document, rank) group, then index, and a mask of each group's last."""
+        doc, rank = self.doc, self.rank
+        by_holder = np.lexsort((self.index, rank, doc))
+        last = np.ones(len(doc), dtype=bool)
+        last[:-1] = (doc[by_holder][1:] != doc[by_holder][:-1]) | (rank[by_holder][1:] != rank[by_holder][:-1])
+        return by_holder, last
+
+    def holder_last(self) -> np.ndarray:
+        """Every holder's last piece, by (document, rank)."""
+        by_holder, last = self._holders()
+        return by_holder[last]
 
     def add_traffic(self, recv_send: np.ndarray, *, exact: bool, num_nodes: int) -> None:
         """Add every holder's received and every piece's sent tokens to ``recv_send[0 / 1][rank]``."""
         doc, rank, node, length, index = self.doc, self.rank, self.node, self.length, self.index
         # Holders: (document, rank) groups, by (document, rank); each one's last piece and its tokens.
-        by_holder = np.lexsort((index, rank, doc))
-        last = np.ones(len(doc), dtype=bool)
-        last[:-1] = (doc[by_holder][1:] != doc[by_holder][:-1]) | (rank[by_holder][1:] != rank[by_holder][:-1])
+        by_holder, last = self._holders()
         holder_last = by_holder[last]
         own = np.diff(np.concatenate([[0], np.cumsum(length[by_holder])[last]]))
         # Keys read up to each piece: in its document, and in its document on its node.
@@ -273,3 +335,15 @@ def kv_transfers(plan: Plan) -> tuple[KVTransfer, ...]:
     if plan.comm is not CommMode.ALL_GATHER:  # all-gather lists stay implied: O(N x segments) to keep
         object.__setattr__(plan, "transfers", transfers)
     return transfers
+
+
+def kv_transfer_rows(plan: Plan) -> np.ndarray:
+    """:func:`kv_transfers` as rows ``(src, dst, doc, start, end)`` of an ``(m, 5)`` int64 array.
+
+    For bulk consumers (wire encodings): a plan that does not list its transfers gets them derived in
+    array passes (:func:`transfer_rows`), without a Python record per transfer (a plan over many
+    ranks implies hundreds of thousands). Not remembered on the plan.
+    """
+    if plan.transfers is not None or plan.comm is CommMode.ALL_GATHER:
+        return np.array(kv_transfers(plan), dtype=np.int64).reshape(-1, 5)
+    return transfer_rows(RankColumns.of([rp.segments for rp in plan.ranks]), plan.comm)

@@ -497,7 +497,7 @@ class Plan:
     def to_dict(self, *, include_timing: bool = True) -> dict[str, Any]:
         """JSON-ready form. ``include_timing=False`` drops the solver wall time,
         the only field that is not a pure function of the request."""
-        from flashcp_planner.comm import kv_transfers
+        from flashcp_planner.comm import kv_transfer_rows
 
         out: dict[str, Any] = {
             "version": self.version,
@@ -525,7 +525,7 @@ class Plan:
                 for rp in self.ranks
             ],
             "documents": _document_dicts(self.documents),
-            "transfers": [] if self.comm is CommMode.ALL_GATHER else list(map(list, kv_transfers(self))),
+            "transfers": [] if self.comm is CommMode.ALL_GATHER else kv_transfer_rows(self).tolist(),
         }
         if self.optimality is not None:
             opt = {

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flashcp.v1 import planner_pb2 as pb
-from flashcp_planner.comm import kv_transfers
+from flashcp_planner.comm import kv_transfer_rows
 from flashcp_planner.cost import CostModel
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
@@ -339,7 +339,7 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None, *, list_transfers: bool =
     if not list_transfers:
         message.transfers_omitted = True
     elif plan.comm is not CommMode.ALL_GATHER:
-        message.transfers.extend(_flatten(kv_transfers(plan)))
+        message.transfers.extend(kv_transfer_rows(plan).ravel().tolist())
     if plan.optimality is not None:
         o = plan.optimality
         message.optimality.CopyFrom(

@@ -13,12 +13,20 @@ from hypothesis import strategies as st
 
 from flashcp_planner import comm as comm_module
 from flashcp_planner import layout as layout_module
-from flashcp_planner.comm import traffic_of_columns, transfers_and_traffic
+from flashcp_planner import plan
+from flashcp_planner.comm import (
+    derive_transfers,
+    kv_transfer_rows,
+    kv_transfers,
+    traffic_of_columns,
+    transfer_rows,
+    transfers_and_traffic,
+)
 from flashcp_planner.cost import _pairs_and_tokens, lower_bound_ms, rank_costs_of_columns, rank_costs_of_traffic
 from flashcp_planner.layout import build_plan, head_tail_columns, head_tail_segments, placements_layout, sharding_of
 from flashcp_planner.model import CommMode, DocSharding, RankColumns, Segment, Segments, ShardingKind, Shardings
 from flashcp_planner.presets import PRESETS, get_preset
-from flashcp_planner.request import PlanContext, PlanOptions
+from flashcp_planner.request import PlanContext, PlanOptions, PlanRequest
 
 
 def test_segments_over_arrays_behave_like_the_tuple_columns():
@@ -110,6 +118,31 @@ def test_columns_evaluation_equals_the_segment_by_segment_reference(monkeypatch,
             assert got == expected
             assert [type(v) for c in got for v in dataclasses.astuple(c)] == [
                 type(v) for c in expected for v in dataclasses.astuple(c)]
+
+
+def test_transfer_rows_equal_the_listed_transfers():
+    rng = random.Random(13)
+    for _ in range(150):
+        rank_segments = _random_layout(rng, rng.choice([1, 2, 3, 8, 16]))
+        columns = RankColumns.of(rank_segments)
+        for comm in (CommMode.EXACT_NEED, CommMode.SHARDING_AWARE):
+            rows = transfer_rows(columns, comm)
+            assert rows.dtype == np.int64 and rows.shape[1:] == (5,)
+            assert rows.tolist() == [list(t) for t in derive_transfers(rank_segments, comm)]
+
+
+@pytest.mark.parametrize("strategy", ["flashcp", "per_doc", "zigzag", "whole_doc"])
+def test_kv_transfer_rows_equal_kv_transfers(strategy):
+    rng = random.Random(17)
+    for n in (1, 4, 16):
+        lengths = [rng.choice([1, 7, rng.randint(1, 3000), rng.randint(1, 60_000)]) for _ in range(rng.randint(1, 40))]
+        for comm in CommMode:
+            p = plan(PlanRequest(micro_batches=[lengths], cp_size=n, strategy=strategy, capacity=sum(lengths),
+                                 options=PlanOptions(comm=comm)))[0]
+            expected = [list(t) for t in kv_transfers(dataclasses.replace(p))]
+            assert kv_transfer_rows(p).tolist() == expected and kv_transfer_rows(p).shape == (len(expected), 5)
+            listed = dataclasses.replace(p, transfers=None if comm is CommMode.ALL_GATHER else kv_transfers(p))
+            assert kv_transfer_rows(listed).tolist() == expected
 
 
 @pytest.mark.parametrize("few_chunks", [0, 10**9])
