@@ -340,10 +340,11 @@ def kv_transfers(plan: Plan) -> tuple[KVTransfer, ...]:
 def kv_transfer_rows(plan: Plan) -> np.ndarray:
     """:func:`kv_transfers` as rows ``(src, dst, doc, start, end)`` of an ``(m, 5)`` int64 array.
 
-    For bulk consumers (wire encodings): a plan that does not list its transfers gets them derived in
-    array passes (:func:`transfer_rows`), without a Python record per transfer (a plan over many
-    ranks implies hundreds of thousands). Not remembered on the plan.
+    For bulk consumers (wire encodings): a plan of many segments that does not list its transfers
+    gets them derived in array passes (:func:`transfer_rows`), without a Python record per transfer
+    (a plan over many ranks implies hundreds of thousands); those are not remembered on the plan.
     """
-    if plan.transfers is not None or plan.comm is CommMode.ALL_GATHER:
+    few = sum(len(rp.segments) for rp in plan.ranks) <= _FEW_PIECES
+    if few or plan.transfers is not None or plan.comm is CommMode.ALL_GATHER:
         return np.array(kv_transfers(plan), dtype=np.int64).reshape(-1, 5)
     return transfer_rows(RankColumns.of([rp.segments for rp in plan.ranks]), plan.comm)
