@@ -47,10 +47,9 @@ def transfer_rows(columns: RankColumns, comm: CommMode) -> np.ndarray:
     expanded in ``(dst, doc)`` order, so the rows come out sorted.
     """
     assert comm is not CommMode.ALL_GATHER, "all-gather transfers are implied, not listed in arrays"
-    no_rows = np.empty((0, 5), dtype=np.int64)
     split_rows = _split_rows(columns)
     if split_rows is None:
-        return no_rows
+        return np.empty((0, 5), dtype=np.int64)
     rows, rank = split_rows
     pieces = _Pieces.of(columns, rows, rank, 1)
     holder_last = pieces.holder_last()
