@@ -6,12 +6,25 @@ tile config of every kernel to a cubin with the ptxas bundled in triton and
 reports shared memory per program::
 
     python -m flashcp_kernels.compile_check [--arch 90] [--dtypes bf16,fp16,fp32] [--head-dims 64,128]
+
+:func:`compile_kernels` always compiles in a fresh Python process. A process that
+has run Triton's interpreter cannot compile for real: ``triton.jit`` reads
+``TRITON_INTERPRET`` when it decorates, so triton's own library functions
+(``tl.zeros`` ...) stay interpreted functions once triton was imported under the
+interpreter, and ``InterpretedFunction.__call__`` (triton 3.7) leaves
+``triton.language`` patched after a kernel calls another jitted function. The
+code generator then fails on interpreter objects -- unless a cached binary lets
+it skip code generation, which hid the failure on warm machines. A child
+process makes the result independent of what ran before and of the cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,17 +79,22 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict[str, str]:
 
 
 def compile_kernels(*, arch: int = 90, dtypes=("bf16",), head_dims=(128,), first_config_only: bool = False,
-                    ) -> list[CompileResult]:
+                    timeout_s: float = 600.0) -> list[CompileResult]:
     """Compile each (kernel, dtype, head_dim, config) for ``sm_<arch>``; one result per compilation.
 
-    Runs with ``TRITON_INTERPRET`` cleared (triton's code generator consults it).
+    Runs in a child process with ``TRITON_INTERPRET`` cleared (see the module docstring), so the result does
+    not depend on interpreter runs earlier in this process. Raises ``RuntimeError`` when the child fails.
     """
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        return list(_compile_all(arch, dtypes, head_dims, first_config_only))
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    argv = [sys.executable, "-m", "flashcp_kernels.compile_check", "--json", f"--arch={arch}",
+            f"--dtypes={','.join(dtypes)}", f"--head-dims={','.join(str(d) for d in head_dims)}"]
+    if first_config_only:
+        argv.append("--first-config-only")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    results = [CompileResult(**json.loads(line)) for line in child.stdout.splitlines() if line.startswith("{")]
+    if child.returncode != 0 and not any(r.error for r in results):  # it failed before reporting a compilation
+        raise RuntimeError(f"compile check exited with {child.returncode}: {child.stderr.strip()[-2000:]}")
+    return results
 
 
 def _compile_all(arch, dtypes, head_dims, first_config_only) -> Iterator[CompileResult]:
@@ -115,18 +133,36 @@ def _compile_all(arch, dtypes, head_dims, first_config_only) -> Iterator[Compile
                                         shared_bytes=shared, error=error)
 
 
+def _head_dims(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"head dims must be positive, got {text!r}")
+    return dims
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default: 90 = H100/H200)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
-    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--head-dims", default="64,128", type=_head_dims, help="comma-separated, e.g. 64,128")
+    parser.add_argument("--first-config-only", action="store_true", help="one tile config per kernel")
+    parser.add_argument("--json", action="store_true", help="one JSON object per compilation")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.dtypes.split(",")) - set(_DTYPES))
+    if unknown:
+        parser.error(f"unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(_DTYPES)}")
+    os.environ.pop("TRITON_INTERPRET", None)  # triton's code generator consults it
     failures = 0
-    for r in compile_kernels(arch=args.arch, dtypes=args.dtypes.split(","),
-                             head_dims=[int(d) for d in args.head_dims.split(",")]):
-        status = f"shared {r.shared_bytes} B" if r.error is None else f"FAILED {r.error}"
-        print(f"{r.kernel:<18} {r.dtype:<5} D={r.head_dim:<4} BLOCK_M={r.block_m:<4} BLOCK_N={r.block_n:<4} {status}",
-              flush=True)
+    for r in _compile_all(args.arch, args.dtypes.split(","), args.head_dims, args.first_config_only):
+        if args.json:
+            print(json.dumps(dataclasses.asdict(r)), flush=True)
+        else:
+            status = f"shared {r.shared_bytes} B" if r.error is None else f"FAILED {r.error}"
+            print(f"{r.kernel:<18} {r.dtype:<5} D={r.head_dim:<4} BLOCK_M={r.block_m:<4} BLOCK_N={r.block_n:<4} "
+                  f"{status}", flush=True)
         failures += r.error is not None
     return 1 if failures else 0
 

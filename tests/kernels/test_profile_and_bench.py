@@ -57,17 +57,6 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert max_diff < 1e-5  # ours vs SDPA, fp32
 
 
-def test_kernels_compile_for_h100():
-    # The interpreter accepts code the GPU compiler rejects; compile (no GPU needed) for sm_90.
-    from flashcp_kernels.compile_check import compile_kernels
-
-    results = list(compile_kernels(arch=90, dtypes=("bf16",), head_dims=(128,), first_config_only=True))
-    assert len(results) == 3
-    for r in results:
-        assert r.error is None, f"{r.kernel}: {r.error}"
-        assert 0 < r.shared_bytes <= 227 * 1024  # H100/H200 shared memory per block
-
-
 def _profile_rank(rank: int, port: int, path: str) -> None:
     import os
 
