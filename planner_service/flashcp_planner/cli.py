@@ -1,8 +1,9 @@
-"""The ``flashcp`` command line: plan, compare strategies, list strategies/presets/workloads, serve, profile.
+"""The ``flashcp`` command line: plan, compare strategies, list strategies/presets/workloads, serve, explore,
+profile.
 
 Every user error (bad lengths, unknown names, out-of-range numbers, infeasible
 requests, bad cost files) exits with status 2 and one line on stderr naming the
-field and the problem. ``serve`` and ``profile`` are provided by the
+field and the problem. ``serve``, ``explore`` and ``profile`` are provided by the
 ``flashcp_service`` and ``flashcp_kernels`` packages, imported only when those
 commands run.
 """
@@ -55,6 +56,9 @@ _DELEGATES = {
     "serve": _Delegate(module="flashcp_service.cli", add_arguments="add_serve_arguments", run="run_serve",
                        help="run the planner as a gRPC + HTTP sidecar",
                        missing="flashcp serve needs the server extra: pip install 'flashcp[server]'"),
+    "explore": _Delegate(module="flashcp_service.cli", add_arguments="add_explore_arguments", run="run_explore",
+                         help="open the plan explorer (a local sidecar with its page at /ui/) in a browser",
+                         missing="flashcp explore needs the server extra: pip install 'flashcp[server]'"),
     "profile": _Delegate(module="flashcp_kernels.profile", add_arguments="add_profile_arguments", run="run_profile",
                          help="measure attention kernels on this GPU to calibrate a cost model",
                          missing="flashcp profile needs the kernels extra: pip install 'flashcp[kernels]'"),

@@ -19,14 +19,16 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 from pydantic import ValidationError
 
 from flashcp_service.access_log import JsonFormatter
 from flashcp_service.settings import Settings
 
-__all__ = ["add_serve_arguments", "main", "run_serve", "serve", "settings_from_args"]
+__all__ = ["add_explore_arguments", "add_serve_arguments", "main", "run_explore", "run_serve", "serve",
+           "settings_from_args"]
 
 _log = logging.getLogger("flashcp_service")
 
@@ -41,6 +43,7 @@ _FLAGS = (
     ("--solver-workers", "solver_workers", int, "processes for exact searches (env FLASHCP_SOLVER_WORKERS)"),
     ("--solver-queue", "solver_queue", int, "exact searches allowed to wait (env FLASHCP_SOLVER_QUEUE)"),
     ("--drain-timeout", "drain_timeout_s", float, "SIGTERM grace, s (env FLASHCP_DRAIN_TIMEOUT_S)"),
+    ("--recent-plans", "recent_plans", int, "keep the last N plans for /ui Live, 0 = off (env FLASHCP_RECENT_PLANS)"),
     ("--log-level", "log_level", str, "debug, info, warning or error (env FLASHCP_LOG_LEVEL)"),
 )
 
@@ -148,7 +151,13 @@ def _signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[N
             loop.remove_signal_handler(sig)
 
 
-async def serve(settings: Settings, *, stop: asyncio.Event | None = None, tune_gc: bool = False) -> int:
+async def serve(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    tune_gc: bool = False,
+    on_listening: Callable[[str], None] | None = None,
+) -> int:
     """Serve gRPC and HTTP on the running loop until ``stop`` is set or a signal arrives, then drain.
 
     Args:
@@ -156,6 +165,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, tune_g
         stop: set it to shut down (tests); SIGTERM / SIGINT set it too.
         tune_gc: once started, tune the garbage collector of this process for serving
             (:func:`_tune_gc_for_serving`; :func:`run_serve`, which owns the process, does).
+        on_listening: called with the HTTP base URL once both servers listen (``flashcp explore``).
 
     Returns:
         0 after a clean drain, 1 when the HTTP server died on its own.
@@ -209,6 +219,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, tune_g
                 }
             )
         )
+        if on_listening is not None:
+            on_listening(f"http://{_grpc_address(settings.host, http_socket.getsockname()[1])}")
         await asyncio.wait((http_task, stop_task), return_when=asyncio.FIRST_COMPLETED)
         failed = http_task.done() and not stop.is_set()
         if failed:
@@ -223,6 +235,42 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None, tune_g
     http_socket.close()
     _log.info("stopped")
     return 1 if failed else 0
+
+
+def add_explore_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``explore`` flags to ``parser``."""
+    parser.add_argument("--port", type=int, default=0, metavar="N", help="HTTP port on 127.0.0.1 (default: any free)")
+    parser.add_argument("--recent-plans", type=int, default=256, metavar="K",
+                        help="plans kept for the Live view (default: %(default)s)")
+    parser.add_argument("--no-browser", action="store_true", help="print the page's address, open no browser")
+
+
+def run_explore(args: argparse.Namespace) -> int:
+    """Serve the plan explorer on loopback (any free port) and open it in a browser; Ctrl-C stops it.
+
+    Returns the exit code of :func:`serve`; 2 for invalid flags, 1 when the port cannot be bound.
+    """
+    import webbrowser
+
+    try:
+        settings = Settings(host="127.0.0.1", http_port=args.port, grpc_port=0, recent_plans=args.recent_plans,
+                            log_level="warning")
+    except ValidationError as exc:
+        print(f"flashcp explore: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+
+    def opened(base_url: str) -> None:
+        url = f"{base_url}/ui/"
+        print(f"FlashCP plan explorer: {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+        if not args.no_browser:
+            threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+
+    try:
+        return asyncio.run(serve(settings, on_listening=opened))
+    except (OSError, RuntimeError) as exc:
+        print(f"flashcp explore: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from flashcp_planner.presets import cost_model_to_dict
 from flashcp_planner.strategies import get_strategy
 from flashcp_service.access_log import REQUEST_ID_HEADER, RequestRecord, request_id_from
 from flashcp_service.errors import ErrorInfo, ErrorKind, RequestTooLarge, ServiceError, classify
+from flashcp_service.explorer import add_explorer
 from flashcp_service.http_models import (
     CompareBody,
     CompareResponseModel,
@@ -369,4 +370,5 @@ def create_app(service: PlannerService) -> Any:
         """Prometheus metrics of this service (both transports)."""
         return Response(content=service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    add_explorer(api, service)  # the plan explorer page at /ui/ and its two reads
     return _ObservedApp(api, service)

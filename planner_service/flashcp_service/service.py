@@ -22,6 +22,7 @@ from flashcp_planner.request import MAX_CP_SIZE, PlanRequest
 from flashcp_planner.strategies import STRATEGIES, Strategy, get_strategy
 from flashcp_service.errors import DeadlineExceeded, Overloaded, RequestTooLarge, ShuttingDown
 from flashcp_service.metrics import ServiceMetrics
+from flashcp_service.recent import RecentPlans
 from flashcp_service.settings import Settings
 from flashcp_service.solver_processes import SearchDied, SolverProcess
 
@@ -85,6 +86,8 @@ class PlannerService:
         self.settings = settings if settings is not None else Settings()
         self.default_cost_model = get_preset(self.settings.default_cost_model)
         self.metrics = ServiceMetrics()
+        self.recent = RecentPlans(capacity=self.settings.recent_plans, sample_every=self.settings.recent_sample_every)
+        """Summaries of the last returned plans (the explorer's Live view; off unless ``recent_plans`` > 0)."""
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.heuristic_threads, thread_name_prefix="flashcp-plan"
         )
@@ -184,7 +187,7 @@ class PlannerService:
             plans = await self._heuristic(flashcp_planner.plan, request)
         for p in plans:
             _check_finite(p)
-            self.metrics.observe_plan(p)
+            self._observe(p)
         return plans
 
     async def compare(
@@ -211,8 +214,13 @@ class PlannerService:
             for c in row:
                 if c.plan is not None:
                     _check_finite(c.plan)
-                    self.metrics.observe_plan(c.plan)
+                    self._observe(c.plan)
         return rows
+
+    def _observe(self, plan: Plan) -> None:
+        """Every returned plan passes here: metrics and the recent-plans buffer."""
+        self.metrics.observe_plan(plan)
+        self.recent.record(plan)
 
     async def encode(self, plans: Iterable[Plan], encoder: Callable[[], T]) -> T:
         """Run ``encoder()``, a transport's encoding of ``plans``, on the event loop when they are small,

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     in about 1 ms). The loop (both servers) waits meanwhile; the planner's search of small instances
     (<= 32 documents, N <= 16) can take about 15 ms. 0: always a thread."""
 
+    recent_plans: int = Field(default=0, ge=0, le=100_000)
+    """Summaries of the last this-many returned plans kept for ``GET /v1/recent`` (the explorer's Live
+    view): strategy, sizes, makespan, lower bound and document lengths only. 0: off."""
+    recent_sample_every: int = Field(default=1, ge=1)
+    """Keep one returned plan in this many in the recent-plans buffer."""
+
     default_cost_model: str = "h100-llama8b"
     """Preset used when a request names no cost model."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
