@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from pydantic import ValidationError
@@ -260,11 +261,20 @@ def run_explore(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(settings.log_level)
 
-    def opened(base_url: str) -> None:
-        url = f"{base_url}/ui/"
+    def announce(url: str, port: int) -> None:
+        # The socket is bound, but uvicorn starts listening a moment later: wait until it answers.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.02)
         print(f"FlashCP plan explorer: {url} (Ctrl-C stops it)", file=sys.stderr, flush=True)
         if not args.no_browser:
-            threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+            webbrowser.open(url)
+
+    def opened(base_url: str) -> None:
+        port = int(base_url.rsplit(":", 1)[1])
+        threading.Thread(target=announce, args=(f"{base_url}/ui/", port), daemon=True).start()
 
     try:
         return asyncio.run(serve(settings, on_listening=opened))

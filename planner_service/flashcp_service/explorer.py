@@ -48,7 +48,9 @@ class RecentPlanJSON(BaseModel):
     tokens: int
     makespan_ms: float
     lower_bound_ms: float
-    lengths: list[int] | None = Field(default=None, description="Only with ?lengths=true; null when not kept.")
+    lengths: list[int] | None = Field(
+        default=None, description="With ?lengths=true, unless the plan had too many documents; else null."
+    )
 
 
 class RecentResponseModel(BaseModel):

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ui_testing import FLASHCP
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -67,11 +67,9 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``flashcp serve`` with OS-chosen ports and the recent-plans buffer on (the Live view)."""
     log_path = tmp_path_factory.mktemp("ui-server") / "server.log"
-    flashcp = Path(sys.executable).with_name("flashcp")
-    command = [str(flashcp)] if flashcp.exists() else [sys.executable, "-m", "flashcp_planner.cli"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [*command, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--recent-plans", "64"],
+            [*FLASHCP, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--recent-plans", "64"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "FLASHCP_LOG_LEVEL": "info"},
