@@ -328,3 +328,18 @@ def test_a_16k_document_plan_renders(driver, server, record_property) -> None:
     if os.environ.get("FLASHCP_UI_SCREENSHOTS"):
         driver.execute_script("document.querySelector('.card').scrollIntoView()")
         Path(os.environ["FLASHCP_UI_SCREENSHOTS"], "explorer-16k.png").write_bytes(driver.get_screenshot_as_png())
+
+
+def test_json_input_of_several_micro_batches_shows_each(driver, server) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    _open(driver, server)
+    batches = [LENGTHS, [9000, 100, 200, 30000]]
+    _plan(driver, lengths=json.dumps(batches), cp=str(CP), strategies=["flashcp", "zigzag"], cost=None)
+    response = driver.execute_script("return window.seen[0]")
+    assert len(response["comparisons"]) == 2
+    for index in (1, 0):
+        Select(driver.find_element(_by("ID"), "micro-batch")).select_by_value(str(index))
+        plans = {r["strategy"]: r["plan"] for r in response["comparisons"][index]["results"]}
+        assert {name: row["makespan"] for name, row in _summary(driver).items()} == {
+            name: f"{plan['makespan_ms']:.3f}" for name, plan in plans.items()}

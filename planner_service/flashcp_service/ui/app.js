@@ -195,13 +195,13 @@
         method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(req.body),
       });
       const t1 = performance.now();
-      showResults(response.comparisons[0].results, req.model);
+      state.last = { comparisons: response.comparisons, model: req.model };
+      showResults(0);
       const t2 = performance.now();
       const timing = { request_ms: t1 - t0, render_ms: t2 - t1, documents: req.body.micro_batches[0].length };
       window.flashcpTiming = timing;
       requestAnimationFrame(() => setTimeout(() => { timing.painted_ms = performance.now() - t1; }, 0));
-      const note = req.body.micro_batches.length > 1 ? " (showing micro-batch 0)" : "";
-      setStatus(`Planned in ${timing.request_ms.toFixed(0)} ms, drawn in ${timing.render_ms.toFixed(0)} ms${note}.`);
+      setStatus(`Planned in ${timing.request_ms.toFixed(0)} ms, drawn in ${timing.render_ms.toFixed(0)} ms.`);
     } catch (e) {
       setStatus("");
       showError(e.message);
@@ -260,9 +260,19 @@
       kvIntra: Array.from(kv.intra, (t) => t * kvPerToken), kvInter: Array.from(kv.inter, (t) => t * kvPerToken) };
   }
 
-  function showResults(results, model) {
+  /** Draw micro-batch ``index`` of the last answer: summary table, legend, one card per strategy. */
+  function showResults(index) {
+    const { comparisons, model } = state.last;
+    const results = comparisons[index].results;
     const root = $("#results");
     root.replaceChildren();
+    if (comparisons.length > 1) {
+      const select = el("select", { id: "micro-batch" },
+        ...comparisons.map((_, i) => el("option", { value: String(i), text: `micro-batch ${i}` })));
+      select.value = String(index);
+      select.addEventListener("change", () => { showResults(Number(select.value)); $("#micro-batch").focus(); });
+      root.append(el("label", {}, `Showing ${comparisons.length} micro-batches: `, select));
+    }
     const planned = results.filter((r) => r.plan).map((r) => prepare(r, model));
     const optimum = results.find((r) => r.plan && r.plan.optimality);
     const view = {
@@ -732,6 +742,8 @@
     ctx.fillText(`${yMax.toFixed(yMax < 10 ? 3 : 1)}${opts.unit}`, 2, top);
     ctx.fillText(`${yMin.toFixed(yMin < 10 && yMin ? 3 : 0)}${opts.unit}`, 2, height - bottom);
     ctx.fillText(new Date(t0 * 1000).toLocaleTimeString(), left, height - 7);
+    const last = new Date(t1 * 1000).toLocaleTimeString();
+    ctx.fillText(last, width - ctx.measureText(last).width - 4, height - 7);
     for (const p of points) {
       ctx.fillStyle = p.colour;
       ctx.beginPath(); ctx.arc(px(p.t), py(p.y), 3, 0, 2 * Math.PI); ctx.fill();
