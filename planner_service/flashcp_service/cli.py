@@ -157,7 +157,7 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     tune_gc: bool = False,
-    on_listening: Callable[[str], None] | None = None,
+    on_listening: Callable[[int], None] | None = None,
 ) -> int:
     """Serve gRPC and HTTP on the running loop until ``stop`` is set or a signal arrives, then drain.
 
@@ -166,7 +166,8 @@ async def serve(
         stop: set it to shut down (tests); SIGTERM / SIGINT set it too.
         tune_gc: once started, tune the garbage collector of this process for serving
             (:func:`_tune_gc_for_serving`; :func:`run_serve`, which owns the process, does).
-        on_listening: called with the HTTP base URL once both servers listen (``flashcp explore``).
+        on_listening: called with the HTTP port once its socket is bound (``flashcp explore``);
+            the HTTP server accepts connections a moment later.
 
     Returns:
         0 after a clean drain, 1 when the HTTP server died on its own.
@@ -221,7 +222,7 @@ async def serve(
             )
         )
         if on_listening is not None:
-            on_listening(f"http://{_grpc_address(settings.host, http_socket.getsockname()[1])}")
+            on_listening(http_socket.getsockname()[1])
         await asyncio.wait((http_task, stop_task), return_when=asyncio.FIRST_COMPLETED)
         failed = http_task.done() and not stop.is_set()
         if failed:
@@ -261,8 +262,9 @@ def run_explore(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(settings.log_level)
 
-    def announce(url: str, port: int) -> None:
+    def announce(port: int) -> None:
         # The socket is bound, but uvicorn starts listening a moment later: wait until it answers.
+        url = f"http://127.0.0.1:{port}/ui/"
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -272,12 +274,11 @@ def run_explore(args: argparse.Namespace) -> int:
         if not args.no_browser:
             webbrowser.open(url)
 
-    def opened(base_url: str) -> None:
-        port = int(base_url.rsplit(":", 1)[1])
-        threading.Thread(target=announce, args=(f"{base_url}/ui/", port), daemon=True).start()
+    def bound(port: int) -> None:
+        threading.Thread(target=announce, args=(port,), daemon=True).start()
 
     try:
-        return asyncio.run(serve(settings, on_listening=opened))
+        return asyncio.run(serve(settings, on_listening=bound))
     except (OSError, RuntimeError) as exc:
         print(f"flashcp explore: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@
 
 Off by default (``Settings.recent_plans = 0``). When on, every ``sample_every``-th plan is kept in a
 ring buffer of ``capacity`` summaries: strategy, sizes, makespan and lower bound, and the document
-lengths (at most :data:`MAX_KEPT_LENGTHS` of them). No request content beyond lengths is kept, and
-memory stays bounded by ``capacity x MAX_KEPT_LENGTHS`` 4-byte integers.
+lengths of plans of at most :attr:`RecentPlans.max_lengths` documents. No request content beyond
+lengths is kept; all kept lengths together take at most :data:`LENGTHS_BUDGET` 4-byte integers.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Any
 
 from flashcp_planner.model import Plan
 
-__all__ = ["MAX_KEPT_LENGTHS", "RecentPlan", "RecentPlans"]
+__all__ = ["LENGTHS_BUDGET", "MAX_KEPT_LENGTHS", "RecentPlan", "RecentPlans"]
 
 MAX_KEPT_LENGTHS = 16384
 """Plans of more documents are summarised without their lengths."""
+LENGTHS_BUDGET = 1 << 22
+"""Most document lengths kept over the whole buffer (16 MiB): large buffers keep shorter plans' lengths only."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,7 +42,7 @@ class RecentPlan:
     makespan_ms: float
     lower_bound_ms: float
     lengths: array | None
-    """The document lengths in packed order; None over :data:`MAX_KEPT_LENGTHS` documents."""
+    """The document lengths in packed order; None over :attr:`RecentPlans.max_lengths` documents."""
 
     def to_dict(self, *, with_lengths: bool) -> dict[str, Any]:
         """JSON form; ``lengths`` only ``with_lengths`` (null when not kept)."""
@@ -78,6 +80,8 @@ class RecentPlans:
             raise ValueError(f"sample_every must be >= 1, got {sample_every}")
         self.capacity = capacity
         self.sample_every = sample_every
+        self.max_lengths = min(MAX_KEPT_LENGTHS, LENGTHS_BUDGET // max(capacity, 1))
+        """Plans of more documents are kept without their lengths."""
         self._plans: deque[RecentPlan] = deque(maxlen=capacity)
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
@@ -104,7 +108,7 @@ class RecentPlans:
             tokens=sum(lengths),
             makespan_ms=plan.makespan_ms,
             lower_bound_ms=plan.lower_bound_ms,
-            lengths=array("i", lengths) if len(lengths) <= MAX_KEPT_LENGTHS else None,
+            lengths=array("i", lengths) if len(lengths) <= self.max_lengths else None,
         )
         with self._lock:
             self._plans.append(summary)

@@ -59,7 +59,8 @@ class Settings(BaseSettings):
 
     recent_plans: int = Field(default=0, ge=0, le=100_000)
     """Summaries of the last this-many returned plans kept for ``GET /v1/recent`` (the explorer's Live
-    view): strategy, sizes, makespan, lower bound and document lengths only. 0: off."""
+    view): strategy, sizes, makespan, lower bound and document lengths only (16 MiB of lengths at
+    most, :mod:`flashcp_service.recent`). 0: off."""
     recent_sample_every: int = Field(default=1, ge=1)
     """Keep one returned plan in this many in the recent-plans buffer."""
 

@@ -61,9 +61,12 @@ def test_recent_plans_is_off_by_default_bounded_and_sampled(monkeypatch: pytest.
         sampled.record(p)
     assert [s.seq for s in sampled.after()] == [2, 4]
 
+    assert kept.max_lengths == recent.MAX_KEPT_LENGTHS
+    assert RecentPlans(capacity=recent.LENGTHS_BUDGET // 2).max_lengths == 2  # the budget is shared
     monkeypatch.setattr(recent, "MAX_KEPT_LENGTHS", 2)  # plans of more documents keep no lengths
-    kept.record(plans[0])
-    assert kept.after()[-1].lengths is None and kept.after()[-1].num_documents == 3
+    short = RecentPlans(capacity=2)
+    short.record(plans[0])
+    assert short.after()[-1].lengths is None and short.after()[-1].num_documents == 3
 
     with pytest.raises(ValueError, match="capacity"):
         RecentPlans(capacity=-1)
