@@ -600,26 +600,39 @@
     download(new Blob([JSON.stringify(p.plan)], { type: "application/json" }), `flashcp-plan-${p.strategy}.json`);
   }
 
-  /** One PNG of a card's three charts with titles (the charts as drawn, highlight included). */
+  /** One PNG of a card's three charts with titles and a legend (the charts as drawn, highlight included). */
   function exportPng(card) {
     const dpr = window.devicePixelRatio || 1;
     const parts = [["Time per rank", card.time], ["Documents on ranks", card.docs], ["KV received per rank", card.kv]];
-    const title = 28 * dpr, caption = 20 * dpr;
-    const width = Math.max(...parts.map(([, c]) => c.width));
-    const height = title + parts.reduce((a, [, c]) => a + caption + c.height, 0);
-    const out = el("canvas", { width: String(width), height: String(height) });
+    const line = 20 * dpr;
+    const legend = [["linear", C.linear], ["attention", C.attention], ["exposed comm", C.comm],
+      ["whole doc", C.whole[0]], ["split doc", C.split[0]], ["KV intra-node", C.intra], ["KV inter-node", C.inter]];
+    const width = Math.max(560 * dpr, ...parts.map(([, c]) => c.width));
+    const head = 4 * line;
+    const out = el("canvas", { width: String(width), height: String(head + parts.reduce((a, [, c]) => a + line + c.height, 0)) });
     const ctx = out.getContext("2d");
-    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, width, height);
-    ctx.fillStyle = "#000"; ctx.font = `${15 * dpr}px system-ui, sans-serif`; ctx.textBaseline = "middle";
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, out.width, out.height);
+    ctx.fillStyle = "#000"; ctx.textBaseline = "middle";
     const plan = card.p.plan;
-    ctx.fillText(`${plan.strategy}: makespan ${fmtMs(plan.makespan_ms)} ms, lower bound ${fmtMs(plan.lower_bound_ms)} ms, ` +
-      `N=${plan.cp_size}, ${plan.cost_model}`, 4, title / 2);
-    let y = title;
+    ctx.font = `bold ${15 * dpr}px system-ui, sans-serif`;
+    ctx.fillText(`${plan.strategy}: makespan ${fmtMs(plan.makespan_ms)} ms, lower bound ${fmtMs(plan.lower_bound_ms)} ms`,
+      4, line / 2);
     ctx.font = `${12 * dpr}px system-ui, sans-serif`;
+    ctx.fillText(`N=${plan.cp_size} (${card.p.gpn} GPUs per node), ${plan.doc_lengths.length} documents, ` +
+      `${plan.comm}, cost model ${plan.cost_model}`, 4, 1.5 * line);
+    let x = 4, y = 2.5 * line;
+    for (const [name, colour] of legend) {
+      const w = 16 * dpr + ctx.measureText(name).width;
+      if (x + w > width) { x = 4; y += line; }
+      ctx.fillStyle = colour; ctx.fillRect(x, y - 5 * dpr, 10 * dpr, 10 * dpr);
+      ctx.fillStyle = "#000"; ctx.fillText(name, x + 14 * dpr, y);
+      x += w + 10 * dpr;
+    }
+    y = head;
     for (const [text, canvas] of parts) {
-      ctx.fillText(text, 4, y + caption / 2);
-      ctx.drawImage(canvas, 0, y + caption);
-      y += caption + canvas.height;
+      ctx.fillText(text, 4, y + line / 2);
+      ctx.drawImage(canvas, 0, y + line);
+      y += line + canvas.height;
     }
     out.toBlob((blob) => download(blob, `flashcp-plan-${plan.strategy}.png`), "image/png");
   }
