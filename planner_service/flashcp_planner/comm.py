@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain, compress
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,7 +15,12 @@ _new = tuple.__new__
 """Builds a named-tuple record from a tuple without the keyword constructor (hot loops only)."""
 
 __all__ = [
+    "NodeRoutes",
     "derive_transfers",
+    "node_dedup_traffic",
+    "node_kv_needs",
+    "node_routes",
+    "rank_kv_needs",
     "kv_transfer_rows",
     "kv_transfers",
     "traffic_of_columns",
@@ -33,7 +40,9 @@ def derive_transfers(rank_segments: Sequence[Sequence[Segment]], comm: CommMode)
     moves every piece of a split document to every other holder of that
     document; ``EXACT_NEED`` moves to rank r only keys ``[0, max end)`` of the
     documents its segments read. Whole documents never move except under
-    ``ALL_GATHER``. Result sorted by ``(dst, doc, start, src)``.
+    ``ALL_GATHER``. ``NODE_DEDUP`` delivers the same keys as ``EXACT_NEED`` (these transfers: what
+    reaches each rank, from whom), routed through the nodes' stripes (:func:`node_routes`).
+    Result sorted by ``(dst, doc, start, src)``.
     """
     return transfers_and_traffic(rank_segments, comm, 1)[0]
 
@@ -53,7 +62,7 @@ def transfer_rows(columns: RankColumns, comm: CommMode) -> np.ndarray:
     rows, rank = split_rows
     pieces = _Pieces.of(columns, rows, rank, 1)
     holder_last = pieces.holder_last()
-    if comm is CommMode.EXACT_NEED:  # up to the holder's own last piece
+    if comm in _EXACT:  # up to the holder's own last piece
         need = pieces.index[holder_last]
     else:  # the whole document
         need = (np.append(pieces.doc_first[1:], len(pieces.rows)) - 1 - pieces.doc_first)[pieces.doc[holder_last]]
@@ -119,7 +128,7 @@ def transfers_and_traffic(
     for rank, c in enumerate(columns):
         for doc, start, end in compress(zip(c.docs, c.starts, c.ends, strict=True), map(held, c.docs)):
             owners[doc].append((start, end, rank))
-    exact = comm is CommMode.EXACT_NEED
+    exact = comm in _EXACT
     by_dst: list[list[KVTransfer]] = [[] for _ in range(n)]
     for doc, owned in owners.items():  # docs ascending, so every dst list ends up sorted by (doc, start)
         owned.sort()
@@ -129,8 +138,15 @@ def transfers_and_traffic(
             # entirely below dst's need: exact-need transfers never cut a piece.
             by_dst[dst] += [_new(KVTransfer, (src, dst, doc, start, end))
                             for start, end, src in owned[:upto + 1] if src != dst]
-        _doc_traffic(owned, need, own, gpn, recv, send)
+        if comm is not CommMode.NODE_DEDUP:
+            _doc_traffic(owned, need, own, gpn, recv, send)
+    if comm is CommMode.NODE_DEDUP:
+        recv, send = node_dedup_traffic(owners, n, gpn)
     return tuple(t for out in by_dst for t in out), recv, send
+
+
+_EXACT = (CommMode.EXACT_NEED, CommMode.NODE_DEDUP)
+"""Modes under which a holder reads its document up to its own last piece."""
 
 
 def _all_gather_traffic(held: Sequence[int], gpn: int) -> tuple[Traffic, Traffic]:
@@ -178,7 +194,9 @@ def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int)
         return recv, send
     rows, rank = split_rows
     docs = columns.docs
-    exact = comm is CommMode.EXACT_NEED
+    exact = comm in _EXACT
+    if comm is CommMode.NODE_DEDUP:
+        return node_dedup_traffic(_owners_of_rows(columns, rows, rank), n, gpus_per_node)
     if len(rows) <= _FEW_PIECES:
         owners: dict[int, list[tuple[int, int, int]]] = {}
         for doc, start, end, r in zip(docs[rows].tolist(), columns.starts[rows].tolist(), columns.ends[rows].tolist(),
@@ -196,6 +214,17 @@ def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int)
     recv_send = np.zeros((2, n, 2), dtype=np.int64)
     pieces.add_traffic(recv_send, exact=exact, num_nodes=num_nodes)
     return recv_send[0].tolist(), recv_send[1].tolist()
+
+
+def _owners_of_rows(columns: RankColumns, rows: np.ndarray, rank: np.ndarray) -> dict[int, list[tuple[int, int, int]]]:
+    """The pieces ``(start, end, rank)`` of ``rows`` by document ascending, each in token order."""
+    docs, starts, ends = columns.docs[rows], columns.starts[rows], columns.ends[rows]
+    order = np.lexsort((rank, ends, starts, docs))
+    owners: dict[int, list[tuple[int, int, int]]] = {}
+    for doc, start, end, r in zip(docs[order].tolist(), starts[order].tolist(), ends[order].tolist(),
+                                  rank[order].tolist(), strict=True):
+        owners.setdefault(doc, []).append((start, end, r))
+    return owners
 
 
 _FEW_PIECES = 256
@@ -347,3 +376,221 @@ def kv_transfer_rows(plan: Plan) -> np.ndarray:
     if few or plan.transfers is not None or plan.comm is CommMode.ALL_GATHER:
         return np.array(kv_transfers(plan), dtype=np.int64).reshape(-1, 5)
     return transfer_rows(RankColumns.of([rp.segments for rp in plan.ranks]), plan.comm)
+
+
+# ---------------------------------------------------------------- node_dedup: needs, routes, traffic
+
+
+def rank_kv_needs(rank_segments: Sequence[Sequence[Segment]]) -> list[dict[int, int]]:
+    """Per rank, per split document it holds a piece of: the end of the keys it reads, ``[0, end)``.
+
+    Under exact need a holder reads its document up to the end of its own last piece (a document is
+    split when one of its pieces does not start at token 0). Whole documents need nothing.
+    """
+    columns = [Segments.of(segments) for segments in rank_segments]
+    split_docs = set(chain.from_iterable(compress(c.docs, c.starts) for c in columns))
+    needs: list[dict[int, int]] = []
+    for c in columns:
+        need: dict[int, int] = {}
+        for doc, end in zip(c.docs, c.ends, strict=True):
+            if doc in split_docs and end > need.get(doc, 0):
+                need[doc] = end
+        needs.append(need)
+    return needs
+
+
+def node_kv_needs(rank_needs: Sequence[Mapping[int, int]], gpus_per_node: int) -> list[dict[int, int]]:
+    """Per node, per document: the end of the keys its ranks read, the union of their ``[0, end)``.
+
+    ``rank_needs[r]`` maps a document to the end of the keys rank ``r`` reads (:func:`rank_kv_needs`);
+    node ``m`` holds ranks ``m * gpus_per_node ..``. Under ``NODE_DEDUP`` the keys of ``[0, end)``
+    that node ``m`` does not hold cross the inter-node links once, for the whole node.
+    """
+    num_nodes = (len(rank_needs) - 1) // gpus_per_node + 1 if rank_needs else 0
+    out: list[dict[int, int]] = [{} for _ in range(num_nodes)]
+    for rank, need in enumerate(rank_needs):
+        node = out[rank // gpus_per_node]
+        for doc, end in need.items():
+            if end > node.get(doc, 0):
+                node[doc] = end
+    return out
+
+
+class NodeRoutes(NamedTuple):
+    """The forward KV moves of a ``NODE_DEDUP`` plan, in two stages (backward runs them in reverse).
+
+    Node ``m``'s *stream* is every piece its ranks read but no rank of ``m`` holds, documents
+    ascending, pieces in token order; rank ``j`` of the node (its ``j``-th rank) holds *stripe*
+    ``[T * j // size, T * (j + 1) // size)`` of the stream (``T`` tokens, ``size`` ranks).
+    """
+
+    inter: tuple[KVTransfer, ...]
+    """Stage 1, across nodes: every stream token from its owner to its stripe's rank, once per node."""
+    intra: tuple[KVTransfer, ...]
+    """Stage 2, inside nodes: to every reader, the stream tokens of other stripes it reads (from their
+    stripe's rank) and the pieces it reads of other ranks of its node (from their owner)."""
+
+
+def node_routes(rank_segments: Sequence[Sequence[Segment]], gpus_per_node: int) -> NodeRoutes:
+    """Both stages of ``NODE_DEDUP`` as transfers, each sorted by ``(dst, doc, start, src)``.
+
+    Every rank ends up with exactly the keys :func:`derive_transfers` delivers to it under
+    ``EXACT_NEED``; a token crosses to a node at most once.
+    """
+    owners = _split_owners(rank_segments)
+    n, gpn = len(rank_segments), gpus_per_node
+    inter: list[KVTransfer] = []
+    intra: list[KVTransfer] = []
+    streams, stream_len = _node_streams(owners, n, gpn)
+    for node, entries in enumerate(streams):
+        first, size, total = node * gpn, min(gpn, n - node * gpn), stream_len[node]
+        for doc, owned, base, crossing, readers, _ in entries:
+            for index, at in crossing:  # stage 1: each crossing piece, cut at stripe bounds
+                start, end, src = owned[index]
+                for stripe, lo, hi in _stripes(base + at, base + at + end - start, total, size):
+                    offset = start - base - at
+                    inter.append(_new(KVTransfer, (src, first + stripe, doc, lo + offset, hi + offset)))
+            for reader, upto in readers:  # stage 2: what each reader lacks
+                for index in range(upto + 1):
+                    start, end, src = owned[index]
+                    if src == reader:
+                        continue
+                    if src // gpn == node:
+                        intra.append(_new(KVTransfer, (src, reader, doc, start, end)))
+                        continue
+                    at = _crossing_at(crossing, index)
+                    offset = start - base - at
+                    for stripe, lo, hi in _stripes(base + at, base + at + end - start, total, size):
+                        if first + stripe != reader:
+                            intra.append(_new(KVTransfer, (first + stripe, reader, doc, lo + offset, hi + offset)))
+    inter.sort(key=_dst_doc_start_src)
+    intra.sort(key=_dst_doc_start_src)
+    return NodeRoutes(inter=tuple(inter), intra=tuple(intra))
+
+
+def _crossing_at(crossing: list[tuple[int, int]], index: int) -> int:
+    """Stream offset (within its document's entry) of crossing piece ``index``."""
+    return crossing[bisect_left(crossing, (index, -1))][1]
+
+
+def _dst_doc_start_src(t: KVTransfer) -> tuple[int, int, int, int]:
+    return (t[1], t[2], t[3], t[0])
+
+
+class _NodeEntry(NamedTuple):
+    """One document's part of a node's stream."""
+
+    doc: int
+    owned: list[tuple[int, int, int]]
+    """The document's pieces ``(start, end, rank)`` in token order."""
+    base: int
+    """Stream offset of the document's first crossing token."""
+    crossing: list[tuple[int, int]]
+    """``(piece index, offset from base)`` of every piece that crosses to the node, in token order."""
+    readers: list[tuple[int, int]]
+    """The node's holders of the document: ``(rank, index of the last piece it reads)``."""
+    own: dict[int, int]
+    """Tokens of the document each holder holds."""
+
+
+def _split_owners(rank_segments: Sequence[Sequence[Segment]]) -> dict[int, list[tuple[int, int, int]]]:
+    """Every split document's pieces ``(start, end, rank)`` in token order, documents ascending."""
+    columns = [Segments.of(segments) for segments in rank_segments]
+    split_docs = set(chain.from_iterable(compress(c.docs, c.starts) for c in columns))
+    owners: dict[int, list[tuple[int, int, int]]] = {doc: [] for doc in sorted(split_docs)}
+    for rank, c in enumerate(columns):
+        for doc, start, end in zip(c.docs, c.starts, c.ends, strict=True):
+            if doc in owners:
+                owners[doc].append((start, end, rank))
+    for owned in owners.values():
+        owned.sort()
+    return owners
+
+
+def _node_streams(
+    owners: Mapping[int, list[tuple[int, int, int]]], n: int, gpn: int
+) -> tuple[list[list[_NodeEntry]], list[int]]:
+    """Every node's stream, document by document (see :class:`NodeRoutes`), and its length."""
+    num_nodes = (n - 1) // gpn + 1
+    streams: list[list[_NodeEntry]] = [[] for _ in range(num_nodes)]
+    stream_len = [0] * num_nodes
+    for doc, owned in owners.items():
+        need, own = _holders(owned, True)
+        readers: dict[int, list[tuple[int, int]]] = {}
+        for rank, upto in need.items():
+            readers.setdefault(rank // gpn, []).append((rank, upto))
+        for node, node_readers in readers.items():
+            top = max(upto for _, upto in node_readers)
+            crossing, at = [], 0
+            for index in range(top + 1):
+                start, end, src = owned[index]
+                if src // gpn != node:
+                    crossing.append((index, at))
+                    at += end - start
+            streams[node].append(_NodeEntry(doc, owned, stream_len[node], crossing, sorted(node_readers), own))
+            stream_len[node] += at
+    return streams, stream_len
+
+
+def _stripes(lo: int, hi: int, total: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """``(stripe, lo', hi')``: the parts of stream range ``[lo, hi)`` in each stripe it meets."""
+    if lo >= hi:
+        return
+    stripe = (lo * size) // total  # the stripe of lo: largest j with total * j // size <= lo
+    while (total * (stripe + 1)) // size <= lo:
+        stripe += 1
+    while lo < hi:
+        bound = min(hi, (total * (stripe + 1)) // size)
+        if bound > lo:  # (empty stripes, when total < size, are skipped)
+            yield stripe, lo, bound
+            lo = bound
+        stripe += 1
+
+
+def node_dedup_traffic(
+    owners: Mapping[int, list[tuple[int, int, int]]], n: int, gpus_per_node: int
+) -> tuple[Traffic, Traffic]:
+    """Per rank ``[intra, inter]`` tokens received and sent in forward under ``NODE_DEDUP``: the
+    per-rank sums of :func:`node_routes` (intra = stage 2, inter = stage 1), in closed form.
+
+    ``owners``: every split document's pieces ``(start, end, rank)`` in token order, documents
+    ascending. A reader's stream tokens of one document form one stream interval, so what it lacks
+    is that interval less its own stripe, and what a stripe forwards is its overlap with the other
+    readers' intervals: O(pieces x nodes + readers x stripes met), no per-transfer pass.
+    """
+    gpn = gpus_per_node
+    recv = [[0, 0] for _ in range(n)]
+    send = [[0, 0] for _ in range(n)]
+    streams, stream_len = _node_streams(owners, n, gpn)
+    for node, entries in enumerate(streams):
+        first, size, total = node * gpn, min(gpn, n - node * gpn), stream_len[node]
+        for stripe, lo, hi in _stripes(0, total, total, size):
+            recv[first + stripe][1] += hi - lo
+        for _, owned, base, crossing, readers, own in entries:
+            ends = []  # stream offset after each crossing piece, by piece index
+            for index, at in crossing:
+                start, end, src = owned[index]
+                send[src][1] += end - start
+                ends.append((index, at + end - start))
+            top = max(upto for _, upto in readers)
+            held, held_upto = 0, []  # tokens of pieces 0..i held on the node
+            for start, end, src in owned[:top + 1]:
+                if src // gpn == node:
+                    held += end - start
+                held_upto.append(held)
+            reach = [0] * (top + 2)  # readers whose last piece is i; then, summed, readers reaching i
+            for reader, upto in readers:
+                reach[upto] += 1
+                read = ends[bisect_left(ends, (upto + 1, -1)) - 1][1] if ends and ends[0][0] <= upto else 0
+                for stripe, lo, hi in _stripes(base, base + read, total, size):
+                    if first + stripe != reader:
+                        recv[reader][0] += hi - lo
+                        send[first + stripe][0] += hi - lo
+                # direct: the pieces of other ranks of the node it reads (its own all lie below upto)
+                recv[reader][0] += held_upto[upto] - own[reader]
+            for index in range(top, -1, -1):
+                reach[index] += reach[index + 1]
+                start, end, src = owned[index]
+                if src // gpn == node:  # its owner is a reader reaching it too
+                    send[src][0] += (end - start) * (reach[index] - 1)
+    return recv, send

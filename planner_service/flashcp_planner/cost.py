@@ -13,6 +13,22 @@ Per rank r (all times in milliseconds)::
 r (Whole-Doc documents, the head chunk of a split one): it can run while the
 KV of split documents is in flight. The same evaluator scores every strategy.
 
+Traffic per mode (:mod:`flashcp_planner.comm`; tokens, times ``kv_bytes_per_token``)::
+
+    exact_need   recv_r[c] = keys r reads, held by others, on links of class c; send_r the mirror
+    node_dedup   stage 1 (inter):  recv_r[inter] = |stripe_r| = T_m / size_m  (+-1 token)
+                                   send_s[inter] = sum over pieces p of s: |p| * (nodes != node(s) reading p)
+                 stage 2 (intra):  recv_r[intra] = (keys r reads held elsewhere in node m)
+                                                 + (stream keys r reads) - (those in stripe_r)
+                                   send_r[intra] = sum over readers q != r in m of |reads_q & stripe_r|
+                                                 + node-local pieces of r times their other readers
+
+where node m's stream holds every key its ranks read that no rank of m holds (``T_m`` tokens,
+each crossing once), striped over its ``size_m`` ranks. Both stages go into the same per-rank
+formula: ``link_ms(recv)`` is stage 1 (inter latency + bytes / inter bandwidth) then stage 2
+(intra latency + bytes / intra bandwidth), in sequence, each latency paid iff its stage moves
+bytes; backward (dK/dV reduced inside the node, then sent across once) is ``link_ms(send)``.
+
 Constants and their sources live in :mod:`flashcp_planner.presets`.
 """
 

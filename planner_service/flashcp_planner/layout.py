@@ -98,10 +98,7 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
     """Derive transfers and costs of ``layout`` and return the validated plan."""
     from flashcp_planner.validation import validate_plan
 
-    if layout.trusted and all(isinstance(segments, Segments) for segments in layout.rank_segments):
-        rank_segments = tuple(layout.rank_segments)
-    else:
-        rank_segments = segments_by_rank(layout.rank_segments)
+    rank_segments = _sorted_segments(layout)
     lengths = layout.doc_lengths if layout.trusted and layout.doc_lengths is not None else ctx.doc_lengths
     costs = _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, comm)
     makespan = max(c.total_ms for c in costs)
@@ -122,6 +119,7 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
         makespan_ms=makespan,
         lower_bound_ms=lower_bound_ms(lengths, ctx.cp_size, ctx.cost_model),
         optimality=layout.optimality,
+        gpus_per_node=ctx.cost_model.gpus_per_node if comm is CommMode.NODE_DEDUP else None,
     )
     if layout.trusted:
         held = [c.tokens for c in costs]
@@ -132,6 +130,18 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
     else:
         validate_plan(plan, check_transfers=False)
     return plan
+
+
+def _sorted_segments(layout: Layout) -> tuple[Segments, ...]:
+    if layout.trusted and all(isinstance(segments, Segments) for segments in layout.rank_segments):
+        return tuple(layout.rank_segments)
+    return segments_by_rank(layout.rank_segments)
+
+
+def layout_makespan(ctx: PlanContext, layout: Layout, comm: CommMode) -> float:
+    """The makespan :func:`build_plan` will report for ``layout`` under ``comm`` (no plan built)."""
+    rank_segments = _sorted_segments(layout)
+    return max(c.total_ms for c in _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, comm))
 
 
 def _rank_costs(

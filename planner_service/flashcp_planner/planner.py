@@ -6,19 +6,39 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flashcp_planner.errors import Infeasible
-from flashcp_planner.layout import build_plan
-from flashcp_planner.model import Plan
+from flashcp_planner.layout import build_plan, layout_makespan
+from flashcp_planner.model import CommMode, Plan
 from flashcp_planner.request import PlanContext, PlanRequest
 from flashcp_planner.strategies import STRATEGIES, get_strategy
 
-__all__ = ["Comparison", "compare", "plan", "plan_context"]
+__all__ = ["Comparison", "auto_comms", "compare", "plan", "plan_context"]
 
 
 def plan_context(ctx: PlanContext, strategy: str) -> Plan:
-    """Plan one micro-batch with the named strategy."""
+    """Plan one micro-batch with the named strategy.
+
+    Without ``options.comm``, a strategy whose default is ``EXACT_NEED`` gets its layout priced
+    under ``NODE_DEDUP`` too when the group spans nodes, and the plan takes the faster mode (the
+    same keys reach the same ranks; only the routes differ).
+    """
     impl = get_strategy(strategy)
     comm = ctx.options.comm or impl.default_comm
-    return build_plan(ctx, impl.layout(ctx), strategy=impl.name, comm=comm)
+    layout = impl.layout(ctx)
+    plan = build_plan(ctx, layout, strategy=impl.name, comm=comm)
+    alternatives = auto_comms(ctx.options.comm, impl.default_comm, ctx.cp_size, ctx.cost_model.gpus_per_node)[1:]
+    if alternatives and layout_makespan(ctx, layout, CommMode.NODE_DEDUP) < plan.makespan_ms:
+        return build_plan(ctx, layout, strategy=impl.name, comm=CommMode.NODE_DEDUP)
+    return plan
+
+
+def auto_comms(requested: CommMode | None, default: CommMode, cp_size: int, gpus_per_node: int) -> tuple[CommMode, ...]:
+    """The modes a plan may come back with: ``requested`` if given; else the strategy's ``default``,
+    and ``NODE_DEDUP`` when the default is ``EXACT_NEED`` and the group spans nodes."""
+    if requested is not None:
+        return (requested,)
+    if default is CommMode.EXACT_NEED and cp_size > gpus_per_node:
+        return (default, CommMode.NODE_DEDUP)
+    return (default,)
 
 
 def plan(request: PlanRequest) -> tuple[Plan, ...]:
