@@ -16,6 +16,7 @@ _new = tuple.__new__
 
 __all__ = [
     "NodeRoutes",
+    "crosses_nodes",
     "derive_transfers",
     "node_dedup_traffic",
     "node_kv_needs",
@@ -195,8 +196,10 @@ def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int)
     rows, rank = split_rows
     docs = columns.docs
     exact = comm in _EXACT
-    if comm is CommMode.NODE_DEDUP:
+    if comm is CommMode.NODE_DEDUP and len(rows) <= _FEW_PIECES:
         return node_dedup_traffic(_owners_of_rows(columns, rows, rank), n, gpus_per_node)
+    if comm is CommMode.NODE_DEDUP:
+        return _Pieces.of(columns, rows, rank, gpus_per_node).node_dedup_traffic(n, gpus_per_node)
     if len(rows) <= _FEW_PIECES:
         owners: dict[int, list[tuple[int, int, int]]] = {}
         for doc, start, end, r in zip(docs[rows].tolist(), columns.starts[rows].tolist(), columns.ends[rows].tolist(),
@@ -289,6 +292,71 @@ class _Pieces:
         np.add.at(recv_send[0], (rank[holder_last], 1), upto_doc[read_at] - same)
         self._add_sent(recv_send[1], holder_last, index[read_at], num_nodes)
 
+    def node_dedup_traffic(self, n: int, gpn: int) -> tuple[Traffic, Traffic]:
+        """:func:`node_dedup_traffic` in array passes (the same integers).
+
+        Every (document, node) group of holders reads pieces ``0..top`` (its largest need); these
+        *pairs* (group, piece), by node then document then piece, are the node streams: a crossing
+        pair's tokens sit at its exclusive running sum within its node.
+        """
+        num_nodes = (n - 1) // gpn + 1
+        recv, send = np.zeros((n, 2), dtype=np.int64), np.zeros((n, 2), dtype=np.int64)
+        by_holder, last = self._holders()
+        h_piece = by_holder[last]  # holders by (document, rank), hence by (document, node)
+        own = np.diff(np.concatenate([[0], np.cumsum(self.length[by_holder])[last]]))
+        h_rank, h_need, h_node = self.rank[h_piece], self.index[h_piece], self.node[h_piece]
+        h_key = self.doc[h_piece] * num_nodes + h_node
+        new_group = np.ones(len(h_key), dtype=bool)
+        new_group[1:] = h_key[1:] != h_key[:-1]
+        g_first = np.flatnonzero(new_group)
+        h_group = np.cumsum(new_group) - 1
+        g_top, g_doc, g_node = np.maximum.reduceat(h_need, g_first), self.doc[h_piece[g_first]], h_node[g_first]
+        # Pairs, by node, document, piece index.
+        g_order = np.lexsort((g_doc, g_node))
+        counts = g_top[g_order] + 1
+        g_pos = np.empty_like(counts)
+        g_pos[g_order] = np.cumsum(counts) - counts  # each group's first pair
+        pair_group = np.repeat(g_order, counts)
+        pair_index = np.arange(int(counts.sum())) - g_pos[pair_group]
+        pair_piece = self.doc_first[g_doc[pair_group]] + pair_index
+        pair_node = g_node[pair_group]
+        length = self.length[pair_piece]
+        crossing = self.node[pair_piece] != pair_node
+        cross_len = np.where(crossing, length, 0)
+        np.add.at(send[:, 1], self.rank[pair_piece], cross_len)
+        stream_end, stream_total = _group_sums(cross_len, pair_node)  # inclusive, per node
+        held_upto, _ = _group_sums(length - cross_len, pair_group)
+        # Stage 1: each node's stream, striped over its ranks.
+        node_total = np.zeros(num_nodes, dtype=np.int64)
+        node_total[pair_node] = stream_total
+        node_size = np.minimum(gpn, n - np.arange(num_nodes) * gpn)
+        j = np.arange(n) % gpn
+        total_r, size_r = node_total[np.arange(n) // gpn], node_size[np.arange(n) // gpn]
+        recv[:, 1] = total_r * (j + 1) // size_r - total_r * j // size_r
+        # Stage 2: reader h lacks its stream interval [lo, hi) less its own stripe, plus the node's
+        # own pieces it reads; stripe j forwards its overlap with the other readers' intervals.
+        first_pair, read_pair = g_pos[h_group], g_pos[h_group] + h_need
+        lo, hi = stream_end[first_pair] - cross_len[first_pair], stream_end[read_pair]
+        total_h, size_h = node_total[h_node], node_size[h_node]
+        stripes = np.arange(gpn)
+        a = total_h[:, None] * stripes // size_h[:, None]
+        b = total_h[:, None] * (stripes + 1) // size_h[:, None]
+        overlap = np.clip(np.minimum(hi[:, None], b) - np.maximum(lo[:, None], a), 0, None)
+        overlap[stripes[None, :] >= size_h[:, None]] = 0
+        mine = overlap[np.arange(len(h_rank)), h_rank % gpn]
+        np.add.at(recv[:, 0], h_rank, hi - lo - mine + held_upto[read_pair] - own)
+        forwarded = np.zeros((num_nodes, gpn), dtype=np.int64)
+        np.add.at(forwarded, h_node, overlap)
+        send[:, 0] += forwarded.ravel()[:n]
+        np.add.at(send[:, 0], h_rank, -mine)
+        # Direct: a node-held piece goes from its owner to the node's other readers reaching it.
+        span = int(g_top.max()) + 1
+        held = np.flatnonzero(~crossing)
+        readers = _count_at_least(h_group * span + h_need, pair_group[held] * span + pair_index[held],
+                                  pair_group[held] * span + span)
+        np.add.at(send[:, 0], self.rank[pair_piece[held]], length[held] * (readers - 1))
+        return recv.tolist(), send.tolist()
+
     def _add_sent(self, send: np.ndarray, holder_last: np.ndarray, need: np.ndarray, num_nodes: int) -> None:
         """Add every piece's sent tokens: its length times its readers other than its owner, the
         holders of its document (on its node, off it) whose ``need`` reaches its index."""
@@ -379,6 +447,18 @@ def kv_transfer_rows(plan: Plan) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- node_dedup: needs, routes, traffic
+
+
+def crosses_nodes(columns: RankColumns, gpus_per_node: int) -> bool:
+    """Whether a split document has pieces on two nodes: only then can exact need move KV across
+    nodes, and ``NODE_DEDUP`` differ from it."""
+    split_rows = _split_rows(columns)
+    if split_rows is None:
+        return False
+    rows, rank = split_rows
+    num_nodes = (columns.num_ranks - 1) // gpus_per_node + 1
+    doc_nodes = np.unique(columns.docs[rows] * num_nodes + rank // gpus_per_node)
+    return len(np.unique(doc_nodes // num_nodes)) < len(doc_nodes)
 
 
 def rank_kv_needs(rank_segments: Sequence[Sequence[Segment]]) -> list[dict[int, int]]:

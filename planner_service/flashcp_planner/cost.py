@@ -368,15 +368,31 @@ def rank_costs_of_traffic(
     Python version's ``sum``). Segments from token 0 (whole documents, head chunks) are scored in
     bulk through the whole-document memo; the others one by one.
     """
+    return rank_costs_of_sums(attention_sums(rank_segments, cost_model), recv, send, cost_model)
+
+
+AttentionSums = tuple[list[int], list[float], list[float]]
+"""Per rank: tokens, attention ms, local attention ms (what a rank's cost needs besides traffic)."""
+
+
+def attention_sums(rank_segments: Sequence[Sequence[Segment]], cost_model: CostModel) -> AttentionSums:
+    """The per-rank sums of :func:`rank_costs_of_traffic`, to price one layout under several traffics."""
     columns = [Segments.of(segments) for segments in rank_segments]
     local_ms, remote_ms = _attention_terms(columns, cost_model)
-    costs = []
+    tokens, attention, local = [], [], []
     for r, segments in enumerate(columns):
-        tokens = sum(segments.ends) - sum(segments.starts)
-        local_attention = math.fsum(local_ms[r])
-        attention = math.fsum(local_ms[r] + remote_ms[r]) if remote_ms[r] else local_attention
-        costs.append(_rank_cost(tokens, attention, local_attention, recv[r], send[r], cost_model))
-    return tuple(costs)
+        tokens.append(sum(segments.ends) - sum(segments.starts))
+        local.append(math.fsum(local_ms[r]))
+        attention.append(math.fsum(local_ms[r] + remote_ms[r]) if remote_ms[r] else local[-1])
+    return tokens, attention, local
+
+
+def rank_costs_of_sums(
+    sums: AttentionSums, recv: Sequence[Sequence[int]], send: Sequence[Sequence[int]], cost_model: CostModel
+) -> tuple[RankCost, ...]:
+    """Every rank's cost from :func:`attention_sums` (or :func:`attention_sums_of_columns`) and traffic."""
+    return tuple(_rank_cost(tokens, attention, local, recv[r], send[r], cost_model)
+                 for r, (tokens, attention, local) in enumerate(zip(*sums, strict=True)))
 
 
 def _rank_cost(
@@ -441,6 +457,11 @@ def rank_costs_of_columns(
     gathered changes. A segment is local when the rank holds its document's keys from token 0 on:
     its run of contiguous pieces of that document on the rank starts at token 0.
     """
+    return rank_costs_of_sums(attention_sums_of_columns(columns, cost_model), recv, send, cost_model)
+
+
+def attention_sums_of_columns(columns: RankColumns, cost_model: CostModel) -> AttentionSums:
+    """:func:`attention_sums` of segments given as columns (the same floats, in array passes)."""
     starts, ends, bounds = columns.starts, columns.ends, columns.bounds
     later = np.flatnonzero(starts)  # rows not from token 0
     ms = cost_model.whole_attention_array(ends)  # right for the rows from token 0; the others next
@@ -451,16 +472,13 @@ def rank_costs_of_columns(
     remote_upto = np.searchsorted(np.flatnonzero(~local), bounds).tolist()  # remote rows before each rank
     local_list = local.tolist() if remote_upto[-1] else []
     ms_view = memoryview(ms)  # fsum reads Python floats from it, without a list of them
-    tokens = columns.tokens()
-    costs = []
+    attention, local_attention = [], []
     for r in range(len(bounds) - 1):
         a, b = bounds[r], bounds[r + 1]
-        attention = math.fsum(ms_view[a:b])
-        local_attention = attention
-        if remote_upto[r] != remote_upto[r + 1]:
-            local_attention = math.fsum(compress(ms_view[a:b], local_list[a:b]))
-        costs.append(_rank_cost(tokens[r], attention, local_attention, recv[r], send[r], cost_model))
-    return tuple(costs)
+        attention.append(math.fsum(ms_view[a:b]))
+        local_attention.append(attention[-1] if remote_upto[r] == remote_upto[r + 1]
+                               else math.fsum(compress(ms_view[a:b], local_list[a:b])))
+    return columns.tokens(), attention, local_attention
 
 
 def _later_rows_local(columns: RankColumns, later: np.ndarray) -> np.ndarray:

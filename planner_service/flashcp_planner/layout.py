@@ -9,8 +9,15 @@ from operator import itemgetter
 
 import numpy as np
 
-from flashcp_planner.comm import traffic_of_columns, transfers_and_traffic
-from flashcp_planner.cost import lower_bound_ms, rank_costs_of_columns, rank_costs_of_traffic
+from flashcp_planner.comm import crosses_nodes, traffic_of_columns, transfers_and_traffic
+from flashcp_planner.cost import (
+    attention_sums,
+    attention_sums_of_columns,
+    lower_bound_ms,
+    rank_costs_of_columns,
+    rank_costs_of_sums,
+    rank_costs_of_traffic,
+)
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
     CommMode,
@@ -94,13 +101,17 @@ def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tupl
     return out
 
 
-def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode) -> Plan:
-    """Derive transfers and costs of ``layout`` and return the validated plan."""
+def build_plan(
+    ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode, costs: tuple[RankCost, ...] | None = None
+) -> Plan:
+    """Derive transfers and costs of ``layout`` and return the validated plan (``costs``: those of
+    :func:`layout_costs` under ``comm``, when the caller has them already)."""
     from flashcp_planner.validation import validate_plan
 
     rank_segments = _sorted_segments(layout)
     lengths = layout.doc_lengths if layout.trusted and layout.doc_lengths is not None else ctx.doc_lengths
-    costs = _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, comm)
+    if costs is None:
+        costs = _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, comm)
     makespan = max(c.total_ms for c in costs)
     if not math.isfinite(makespan):
         raise InvalidRequest("cost_model", "its constants make the predicted time overflow (tiny throughputs?)")
@@ -138,10 +149,31 @@ def _sorted_segments(layout: Layout) -> tuple[Segments, ...]:
     return segments_by_rank(layout.rank_segments)
 
 
+def layout_crosses_nodes(ctx: PlanContext, layout: Layout) -> bool:
+    """Whether a split document of ``layout`` has pieces on two nodes (:func:`crosses_nodes`)."""
+    columns = layout.columns if layout.trusted and layout.columns is not None else \
+        RankColumns.of(_sorted_segments(layout))
+    return crosses_nodes(columns, ctx.cost_model.gpus_per_node)
+
+
+def layout_costs(ctx: PlanContext, layout: Layout, comms: Sequence[CommMode]) -> dict[CommMode, tuple[RankCost, ...]]:
+    """The rank costs :func:`build_plan` will report for ``layout`` under each of ``comms`` (no plan
+    built; the attention terms are computed once)."""
+    rank_segments, gpn = _sorted_segments(layout), ctx.cost_model.gpus_per_node
+    columns = layout.columns if layout.trusted else None
+    if columns is None and sum(map(len, rank_segments)) <= _SMALL:
+        sums = attention_sums(rank_segments, ctx.cost_model)
+        traffic = {comm: transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)[1:] for comm in comms}
+    else:
+        columns = RankColumns.of(rank_segments) if columns is None else columns
+        sums = attention_sums_of_columns(columns, ctx.cost_model)
+        traffic = {comm: traffic_of_columns(columns, comm, gpn) for comm in comms}
+    return {comm: rank_costs_of_sums(sums, *traffic[comm], ctx.cost_model) for comm in comms}
+
+
 def layout_makespan(ctx: PlanContext, layout: Layout, comm: CommMode) -> float:
     """The makespan :func:`build_plan` will report for ``layout`` under ``comm`` (no plan built)."""
-    rank_segments = _sorted_segments(layout)
-    return max(c.total_ms for c in _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, comm))
+    return max(c.total_ms for c in layout_costs(ctx, layout, (comm,))[comm])
 
 
 def _rank_costs(

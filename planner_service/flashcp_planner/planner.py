@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flashcp_planner.errors import Infeasible
-from flashcp_planner.layout import build_plan, layout_makespan
+from flashcp_planner.layout import build_plan, layout_costs, layout_crosses_nodes
 from flashcp_planner.model import CommMode, Plan
 from flashcp_planner.request import PlanContext, PlanRequest
 from flashcp_planner.strategies import STRATEGIES, get_strategy
@@ -24,11 +24,12 @@ def plan_context(ctx: PlanContext, strategy: str) -> Plan:
     impl = get_strategy(strategy)
     comm = ctx.options.comm or impl.default_comm
     layout = impl.layout(ctx)
-    plan = build_plan(ctx, layout, strategy=impl.name, comm=comm)
-    alternatives = auto_comms(ctx.options.comm, impl.default_comm, ctx.cp_size, ctx.cost_model.gpus_per_node)[1:]
-    if alternatives and layout_makespan(ctx, layout, CommMode.NODE_DEDUP) < plan.makespan_ms:
-        return build_plan(ctx, layout, strategy=impl.name, comm=CommMode.NODE_DEDUP)
-    return plan
+    alternatives = auto_comms(ctx.options.comm, impl.default_comm, ctx.cp_size, ctx.cost_model.gpus_per_node)
+    if len(alternatives) > 1 and layout_crosses_nodes(ctx, layout):
+        priced = layout_costs(ctx, layout, alternatives)
+        comm = min(priced, key=lambda mode: max(c.total_ms for c in priced[mode]))  # ties: the default
+        return build_plan(ctx, layout, strategy=impl.name, comm=comm, costs=priced[comm])
+    return build_plan(ctx, layout, strategy=impl.name, comm=comm)
 
 
 def auto_comms(requested: CommMode | None, default: CommMode, cp_size: int, gpus_per_node: int) -> tuple[CommMode, ...]:

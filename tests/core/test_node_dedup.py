@@ -12,7 +12,11 @@ import pytest
 from flashcp_planner import CommMode, Infeasible, InvalidRequest, Plan, PlanOptions, PlanRequest, compare, plan
 from flashcp_planner.cli import main
 from flashcp_planner.comm import (
+    _owners_of_rows,
+    _Pieces,
+    _split_rows,
     derive_transfers,
+    node_dedup_traffic,
     node_kv_needs,
     node_routes,
     rank_kv_needs,
@@ -230,3 +234,35 @@ def test_optimum_under_node_dedup_is_scored_exactly_and_claims_no_proof():
     assert p.comm is CommMode.NODE_DEDUP and p.optimality.status == "feasible"
     assert p.optimality.objective_ms == p.makespan_ms
     assert p.optimality.bound_ms <= p.makespan_ms
+
+
+def test_array_passes_equal_the_piece_by_piece_sums():
+    rng = random.Random(5)
+    checked = 0
+    for _ in range(60):
+        n, gpn = rng.choice([8, 12, 16, 32, 64]), rng.choice([1, 2, 3, 4, 8])
+        lengths = [rng.randint(1, rng.choice([50, 3000, 60000])) for _ in range(rng.randint(1, 40))]
+        try:
+            p = _plan(lengths, n, gpn, rng.choice(["per_doc", "zigzag", "flashcp"]),
+                      capacity_slack=rng.choice([0.0, 0.3]))
+        except Infeasible:
+            continue
+        segments = [rp.segments for rp in p.ranks]
+        columns = RankColumns.of(segments)
+        split_rows = _split_rows(columns)
+        if split_rows is None:
+            continue
+        arrays = _Pieces.of(columns, *split_rows, gpn).node_dedup_traffic(n, gpn)
+        assert arrays == node_dedup_traffic(_owners_of_rows(columns, *split_rows), n, gpn)
+        checked += 1
+    assert checked > 30
+    # And against the routes themselves, on a layout past the array-pass threshold.
+    p = _plan([5000, 3000, 7000], 64, 8, "per_doc")
+    segments = [rp.segments for rp in p.ranks]
+    assert sum(map(len, segments)) > 256
+    routes = node_routes(segments, 8)
+    recv = [[0, 0] for _ in range(64)]
+    for stage, transfers in ((1, routes.inter), (0, routes.intra)):
+        for t in transfers:
+            recv[t.dst][stage] += t.num_tokens
+    assert traffic_of_columns(RankColumns.of(segments), CommMode.NODE_DEDUP, 8)[0] == recv
