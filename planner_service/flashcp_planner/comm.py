@@ -16,7 +16,6 @@ _new = tuple.__new__
 
 __all__ = [
     "NodeRoutes",
-    "crosses_nodes",
     "derive_transfers",
     "node_dedup_traffic",
     "node_kv_needs",
@@ -447,18 +446,6 @@ def kv_transfer_rows(plan: Plan) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- node_dedup: needs, routes, traffic
-
-
-def crosses_nodes(columns: RankColumns, gpus_per_node: int) -> bool:
-    """Whether a split document has pieces on two nodes: only then can exact need move KV across
-    nodes, and ``NODE_DEDUP`` differ from it."""
-    split_rows = _split_rows(columns)
-    if split_rows is None:
-        return False
-    rows, rank = split_rows
-    num_nodes = (columns.num_ranks - 1) // gpus_per_node + 1
-    doc_nodes = np.unique(columns.docs[rows] * num_nodes + rank // gpus_per_node)
-    return len(np.unique(doc_nodes // num_nodes)) < len(doc_nodes)
 
 
 def rank_kv_needs(rank_segments: Sequence[Sequence[Segment]]) -> list[dict[int, int]]:

@@ -34,11 +34,12 @@ Constants and their sources live in :mod:`flashcp_planner.presets`.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import chain, compress
 
 import numpy as np
@@ -46,7 +47,8 @@ import numpy as np
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import KVTransfer, RankColumns, RankCost, Segment, Segments, int64_array
 
-__all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "rank_costs_of_columns", "lower_bound_ms"]
+__all__ = ["CostModel", "lower_bound_ms", "node_dedup_proxy", "rank_costs", "rank_costs_of_columns",
+           "rank_costs_of_traffic"]
 
 _WHOLE_CACHE_SIZE = 1 << 16
 """Distinct document lengths memoised per cost model (bounded memory in long-running services)."""
@@ -329,6 +331,24 @@ class CostModel:
         if inter_bytes:
             ms += self.inter_node_latency_ms + inter_bytes / (self.inter_node_gbps * 1e6)
         return ms
+
+
+@functools.lru_cache(maxsize=16)
+def node_dedup_proxy(cost_model: CostModel) -> CostModel:
+    """``cost_model`` with the inter-node bandwidth that makes exact-need pricing stand for
+    ``node_dedup`` routing, for searches whose traffic must be additive per document.
+
+    When the ``g`` ranks of a node all read the keys their node lacks (head-tail groups over
+    aligned nodes), ``B`` inter-node bytes per rank under exact need become ``B / g`` across the
+    node's links plus ``B (g - 1) / g`` forwarded inside it::
+
+        1 / inter_gbps' = 1 / (g * inter_gbps) + (g - 1) / (g * intra_gbps)
+
+    Plans are always priced under the real constants; this model only steers a search.
+    """
+    g = cost_model.gpus_per_node
+    inverse = 1.0 / (g * cost_model.inter_node_gbps) + (g - 1) / (g * cost_model.intra_node_gbps)
+    return replace(cost_model, inter_node_gbps=1.0 / inverse)
 
 
 def _check_float(name: str, value: object, *, positive: bool) -> None:

@@ -9,7 +9,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from flashcp_planner.comm import crosses_nodes, traffic_of_columns, transfers_and_traffic
+from flashcp_planner.comm import traffic_of_columns, transfers_and_traffic
 from flashcp_planner.cost import (
     attention_sums,
     attention_sums_of_columns,
@@ -150,10 +150,12 @@ def _sorted_segments(layout: Layout) -> tuple[Segments, ...]:
 
 
 def layout_crosses_nodes(ctx: PlanContext, layout: Layout) -> bool:
-    """Whether a split document of ``layout`` has pieces on two nodes (:func:`crosses_nodes`)."""
-    columns = layout.columns if layout.trusted and layout.columns is not None else \
-        RankColumns.of(_sorted_segments(layout))
-    return crosses_nodes(columns, ctx.cost_model.gpus_per_node)
+    """Whether a split document of ``layout`` has pieces on two nodes (only then can exact need and
+    node_dedup differ), read from its sharding records (only the split ones of :class:`Shardings`)."""
+    gpn = ctx.cost_model.gpus_per_node
+    documents = layout.documents
+    records = documents.split.values() if isinstance(documents, Shardings) else documents
+    return any(len(d.ranks) > 1 and min(d.ranks) // gpn != max(d.ranks) // gpn for d in records)
 
 
 def layout_costs(ctx: PlanContext, layout: Layout, comms: Sequence[CommMode]) -> dict[CommMode, tuple[RankCost, ...]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flashcp_planner.cost import node_dedup_proxy
 from flashcp_planner.errors import Infeasible
 from flashcp_planner.layout import build_plan, layout_costs, layout_crosses_nodes
 from flashcp_planner.model import CommMode, Plan
@@ -19,17 +21,25 @@ def plan_context(ctx: PlanContext, strategy: str) -> Plan:
 
     Without ``options.comm``, a strategy whose default is ``EXACT_NEED`` gets its layout priced
     under ``NODE_DEDUP`` too when the group spans nodes, and the plan takes the faster mode (the
-    same keys reach the same ranks; only the routes differ).
+    same keys reach the same ranks; only the routes differ). When its layout splits a document
+    across nodes (or ``NODE_DEDUP`` is asked for), a heuristic also searches under
+    :func:`~flashcp_planner.cost.node_dedup_proxy` and the fastest (layout, mode) pair is kept,
+    ties to the first.
     """
     impl = get_strategy(strategy)
     comm = ctx.options.comm or impl.default_comm
     layout = impl.layout(ctx)
-    alternatives = auto_comms(ctx.options.comm, impl.default_comm, ctx.cp_size, ctx.cost_model.gpus_per_node)
-    if len(alternatives) > 1 and layout_crosses_nodes(ctx, layout):
-        priced = layout_costs(ctx, layout, alternatives)
-        comm = min(priced, key=lambda mode: max(c.total_ms for c in priced[mode]))  # ties: the default
-        return build_plan(ctx, layout, strategy=impl.name, comm=comm, costs=priced[comm])
-    return build_plan(ctx, layout, strategy=impl.name, comm=comm)
+    modes = auto_comms(ctx.options.comm, impl.default_comm, ctx.cp_size, ctx.cost_model.gpus_per_node)
+    if CommMode.NODE_DEDUP not in modes or not layout_crosses_nodes(ctx, layout):
+        return build_plan(ctx, layout, strategy=impl.name, comm=comm)
+    candidates = [(layout, mode, costs) for mode, costs in layout_costs(ctx, layout, modes).items()]
+    if not impl.is_optimal:  # (an exact strategy's optimum is of its own model: keep it)
+        proxy = dataclasses.replace(ctx, cost_model=node_dedup_proxy(ctx.cost_model),
+                                    options=dataclasses.replace(ctx.options, comm=CommMode.EXACT_NEED))
+        other = impl.layout(proxy)
+        candidates += [(other, mode, costs) for mode, costs in layout_costs(ctx, other, modes).items()]
+    layout, comm, costs = min(candidates, key=lambda c: max(x.total_ms for x in c[2]))
+    return build_plan(ctx, layout, strategy=impl.name, comm=comm, costs=costs)
 
 
 def auto_comms(requested: CommMode | None, default: CommMode, cp_size: int, gpus_per_node: int) -> tuple[CommMode, ...]:
