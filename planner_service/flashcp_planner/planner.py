@@ -22,9 +22,10 @@ def plan_context(ctx: PlanContext, strategy: str) -> Plan:
     Without ``options.comm``, a strategy whose default is ``EXACT_NEED`` gets its layout priced
     under ``NODE_DEDUP`` too when the group spans nodes, and the plan takes the faster mode (the
     same keys reach the same ranks; only the routes differ). When its layout splits a document
-    across nodes (or ``NODE_DEDUP`` is asked for), a heuristic also searches under
-    :func:`~flashcp_planner.cost.node_dedup_proxy` and the fastest (layout, mode) pair is kept,
-    ties to the first.
+    across nodes, a searching heuristic (exact-need default, not exact) also searches under
+    :func:`~flashcp_planner.cost.node_dedup_proxy`, and the fastest (layout, mode) pair is kept,
+    ties to the first. ``options.comm="node_dedup"`` does the same with that one mode (baselines:
+    their own layout, re-scored).
     """
     impl = get_strategy(strategy)
     comm = ctx.options.comm or impl.default_comm
@@ -33,7 +34,8 @@ def plan_context(ctx: PlanContext, strategy: str) -> Plan:
     if CommMode.NODE_DEDUP not in modes or not layout_crosses_nodes(ctx, layout):
         return build_plan(ctx, layout, strategy=impl.name, comm=comm)
     candidates = [(layout, mode, costs) for mode, costs in layout_costs(ctx, layout, modes).items()]
-    if not impl.is_optimal:  # (an exact strategy's optimum is of its own model: keep it)
+    # Baselines are re-scored as they are; an exact strategy's optimum is of its own model.
+    if impl.default_comm is CommMode.EXACT_NEED and not impl.is_optimal:
         proxy = dataclasses.replace(ctx, cost_model=node_dedup_proxy(ctx.cost_model),
                                     options=dataclasses.replace(ctx.options, comm=CommMode.EXACT_NEED))
         other = impl.layout(proxy)

@@ -266,3 +266,12 @@ def test_array_passes_equal_the_piece_by_piece_sums():
         for t in transfers:
             recv[t.dst][stage] += t.num_tokens
     assert traffic_of_columns(RankColumns.of(segments), CommMode.NODE_DEDUP, 8)[0] == recv
+
+
+def test_the_search_proxy_charges_node_routing_for_inter_node_bytes():
+    from flashcp_planner.cost import node_dedup_proxy
+
+    cost_model = dataclasses.replace(BASE, gpus_per_node=8, inter_node_gbps=45.0, intra_node_gbps=300.0)
+    proxy = node_dedup_proxy(cost_model)
+    assert proxy.inter_node_gbps == pytest.approx(1 / (1 / (8 * 45) + 7 / (8 * 300)))  # 175.6 GB/s
+    assert dataclasses.replace(proxy, inter_node_gbps=45.0) == cost_model
