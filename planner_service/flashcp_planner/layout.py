@@ -10,14 +10,7 @@ from operator import itemgetter
 import numpy as np
 
 from flashcp_planner.comm import traffic_of_columns, transfers_and_traffic
-from flashcp_planner.cost import (
-    attention_sums,
-    attention_sums_of_columns,
-    lower_bound_ms,
-    rank_costs_of_columns,
-    rank_costs_of_sums,
-    rank_costs_of_traffic,
-)
+from flashcp_planner.cost import attention_sums, attention_sums_of_columns, lower_bound_ms, rank_costs_of_sums
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
     CommMode,
@@ -111,7 +104,7 @@ def build_plan(
     rank_segments = _sorted_segments(layout)
     lengths = layout.doc_lengths if layout.trusted and layout.doc_lengths is not None else ctx.doc_lengths
     if costs is None:
-        costs = _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, comm)
+        costs = _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, (comm,))[comm]
     makespan = max(c.total_ms for c in costs)
     if not math.isfinite(makespan):
         raise InvalidRequest("cost_model", "its constants make the predicted time overflow (tiny throughputs?)")
@@ -160,17 +153,8 @@ def layout_crosses_nodes(ctx: PlanContext, layout: Layout) -> bool:
 
 def layout_costs(ctx: PlanContext, layout: Layout, comms: Sequence[CommMode]) -> dict[CommMode, tuple[RankCost, ...]]:
     """The rank costs :func:`build_plan` will report for ``layout`` under each of ``comms`` (no plan
-    built; the attention terms are computed once)."""
-    rank_segments, gpn = _sorted_segments(layout), ctx.cost_model.gpus_per_node
-    columns = layout.columns if layout.trusted else None
-    if columns is None and sum(map(len, rank_segments)) <= _SMALL:
-        sums = attention_sums(rank_segments, ctx.cost_model)
-        traffic = {comm: transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)[1:] for comm in comms}
-    else:
-        columns = RankColumns.of(rank_segments) if columns is None else columns
-        sums = attention_sums_of_columns(columns, ctx.cost_model)
-        traffic = {comm: traffic_of_columns(columns, comm, gpn) for comm in comms}
-    return {comm: rank_costs_of_sums(sums, *traffic[comm], ctx.cost_model) for comm in comms}
+    built)."""
+    return _rank_costs(ctx, _sorted_segments(layout), layout.columns if layout.trusted else None, comms)
 
 
 def layout_makespan(ctx: PlanContext, layout: Layout, comm: CommMode) -> float:
@@ -179,17 +163,19 @@ def layout_makespan(ctx: PlanContext, layout: Layout, comm: CommMode) -> float:
 
 
 def _rank_costs(
-    ctx: PlanContext, rank_segments: tuple[Segments, ...], columns: RankColumns | None, comm: CommMode
-) -> tuple[RankCost, ...]:
-    """Every rank's cost: segment by segment for small layouts, in array passes over columns otherwise."""
+    ctx: PlanContext, rank_segments: tuple[Segments, ...], columns: RankColumns | None, comms: Sequence[CommMode]
+) -> dict[CommMode, tuple[RankCost, ...]]:
+    """Every rank's cost under each of ``comms`` (attention summed once): segment by segment for small
+    layouts, in array passes over columns otherwise."""
     gpn = ctx.cost_model.gpus_per_node
     if columns is None and sum(map(len, rank_segments)) <= _SMALL:
-        _, recv, send = transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)
-        return rank_costs_of_traffic(rank_segments, recv, send, ctx.cost_model)
-    if columns is None:
-        columns = RankColumns.of(rank_segments)
-    recv, send = traffic_of_columns(columns, comm, gpn)
-    return rank_costs_of_columns(columns, recv, send, ctx.cost_model)
+        sums = attention_sums(rank_segments, ctx.cost_model)
+        traffic = {comm: transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)[1:] for comm in comms}
+    else:
+        columns = RankColumns.of(rank_segments) if columns is None else columns
+        sums = attention_sums_of_columns(columns, ctx.cost_model)
+        traffic = {comm: traffic_of_columns(columns, comm, gpn) for comm in comms}
+    return {comm: rank_costs_of_sums(sums, *traffic[comm], ctx.cost_model) for comm in comms}
 
 
 _SMALL = 512
