@@ -193,28 +193,22 @@ def traffic_of_columns(columns: RankColumns, comm: CommMode, gpus_per_node: int)
     if split_rows is None:
         return recv, send
     rows, rank = split_rows
-    docs = columns.docs
-    exact = comm in _EXACT
-    if comm is CommMode.NODE_DEDUP and len(rows) <= _FEW_PIECES:
-        return node_dedup_traffic(_owners_of_rows(columns, rows, rank), n, gpus_per_node)
-    if comm is CommMode.NODE_DEDUP:
-        return _Pieces.of(columns, rows, rank, gpus_per_node).node_dedup_traffic(n, gpus_per_node)
     if len(rows) <= _FEW_PIECES:
-        owners: dict[int, list[tuple[int, int, int]]] = {}
-        for doc, start, end, r in zip(docs[rows].tolist(), columns.starts[rows].tolist(), columns.ends[rows].tolist(),
-                                      rank.tolist(), strict=True):
-            owners.setdefault(doc, []).append((start, end, r))
+        owners = _owners_of_rows(columns, rows, rank)
+        if comm is CommMode.NODE_DEDUP:
+            return node_dedup_traffic(owners, n, gpus_per_node)
         for owned in owners.values():
-            owned.sort()
-            _doc_traffic(owned, *_holders(owned, exact), gpus_per_node, recv, send)
+            _doc_traffic(owned, *_holders(owned, comm in _EXACT), gpus_per_node, recv, send)
         return recv, send
     pieces = _Pieces.of(columns, rows, rank, gpus_per_node)
     num_nodes = (n - 1) // gpus_per_node + 1
     if pieces.span * num_nodes * pieces.num_docs >= 2**62 or pieces.tokens * n >= 2**62:  # int64 keys, sums
         _, recv, send = transfers_and_traffic(columns.segments(), comm, gpus_per_node, list_transfers=False)
         return recv, send
+    if comm is CommMode.NODE_DEDUP:
+        return pieces.node_dedup_traffic(n, gpus_per_node)
     recv_send = np.zeros((2, n, 2), dtype=np.int64)
-    pieces.add_traffic(recv_send, exact=exact, num_nodes=num_nodes)
+    pieces.add_traffic(recv_send, exact=comm in _EXACT, num_nodes=num_nodes)
     return recv_send[0].tolist(), recv_send[1].tolist()
 
 
@@ -292,50 +286,59 @@ class _Pieces:
         self._add_sent(recv_send[1], holder_last, index[read_at], num_nodes)
 
     def node_dedup_traffic(self, n: int, gpn: int) -> tuple[Traffic, Traffic]:
-        """:func:`node_dedup_traffic` in array passes (the same integers).
+        """:func:`node_dedup_traffic` in array passes (the same integers), in O(pieces log pieces).
 
-        Every (document, node) group of holders reads pieces ``0..top`` (its largest need); these
-        *pairs* (group, piece), by node then document then piece, are the node streams: a crossing
-        pair's tokens sit at its exclusive running sum within its node.
+        Holders group by (document, node); group (d, m) reads pieces ``0..top`` and lacks those not
+        on m: its part of m's stream, placed after the groups of earlier documents on m. Every
+        crossing count is a prefix of the document less the node's own pieces up to an index.
         """
         num_nodes = (n - 1) // gpn + 1
+        doc, rank, node, length, index, span = self.doc, self.rank, self.node, self.length, self.index, self.span
         recv, send = np.zeros((n, 2), dtype=np.int64), np.zeros((n, 2), dtype=np.int64)
         by_holder, last = self._holders()
         h_piece = by_holder[last]  # holders by (document, rank), hence by (document, node)
-        own = np.diff(np.concatenate([[0], np.cumsum(self.length[by_holder])[last]]))
-        h_rank, h_need, h_node = self.rank[h_piece], self.index[h_piece], self.node[h_piece]
-        h_key = self.doc[h_piece] * num_nodes + h_node
+        own = np.diff(np.concatenate([[0], np.cumsum(length[by_holder])[last]]))
+        h_rank, h_need, h_node, h_doc = rank[h_piece], index[h_piece], node[h_piece], doc[h_piece]
+        h_key = h_doc * num_nodes + h_node
         new_group = np.ones(len(h_key), dtype=bool)
         new_group[1:] = h_key[1:] != h_key[:-1]
         g_first = np.flatnonzero(new_group)
         h_group = np.cumsum(new_group) - 1
-        g_top, g_doc, g_node = np.maximum.reduceat(h_need, g_first), self.doc[h_piece[g_first]], h_node[g_first]
-        # Pairs, by node, document, piece index.
+        g_top, g_doc, g_node = np.maximum.reduceat(h_need, g_first), h_doc[g_first], h_node[g_first]
+        # Tokens of document d held on node m among its pieces 0..i, and those crossing to m.
+        piece_key = doc * num_nodes + node
+        by_node = np.lexsort((index, piece_key))
+        node_keys = (piece_key * span + index)[by_node]
+        node_upto, _ = _group_sums(length[by_node], piece_key[by_node])
+        doc_upto, _ = _group_sums(length, doc)
+
+        def held(d: np.ndarray, m: np.ndarray, i: np.ndarray) -> np.ndarray:
+            at = np.searchsorted(node_keys, (d * num_nodes + m) * span + i, side="right") - 1
+            hit = (at >= 0) & (node_keys[np.maximum(at, 0)] // span == d * num_nodes + m)
+            return np.where(hit, node_upto[np.maximum(at, 0)], 0)
+
+        def crossing(d: np.ndarray, m: np.ndarray, i: np.ndarray) -> np.ndarray:
+            return doc_upto[self.doc_first[d] + i] - held(d, m, i)
+
+        # Stage 1: the streams (groups by node, then document), striped over each node's ranks.
+        g_len = crossing(g_doc, g_node, g_top)
         g_order = np.lexsort((g_doc, g_node))
-        counts = g_top[g_order] + 1
-        g_pos = np.empty_like(counts)
-        g_pos[g_order] = np.cumsum(counts) - counts  # each group's first pair
-        pair_group = np.repeat(g_order, counts)
-        pair_index = np.arange(int(counts.sum())) - g_pos[pair_group]
-        pair_piece = self.doc_first[g_doc[pair_group]] + pair_index
-        pair_node = g_node[pair_group]
-        length = self.length[pair_piece]
-        crossing = self.node[pair_piece] != pair_node
-        cross_len = np.where(crossing, length, 0)
-        np.add.at(send[:, 1], self.rank[pair_piece], cross_len)
-        stream_end, stream_total = _group_sums(cross_len, pair_node)  # inclusive, per node
-        held_upto, _ = _group_sums(length - cross_len, pair_group)
-        # Stage 1: each node's stream, striped over its ranks.
+        g_base = np.empty_like(g_len)
+        g_base[g_order] = _group_sums(g_len[g_order], g_node[g_order])[0] - g_len[g_order]
         node_total = np.zeros(num_nodes, dtype=np.int64)
-        node_total[pair_node] = stream_total
+        np.add.at(node_total, g_node, g_len)
         node_size = np.minimum(gpn, n - np.arange(num_nodes) * gpn)
-        j = np.arange(n) % gpn
-        total_r, size_r = node_total[np.arange(n) // gpn], node_size[np.arange(n) // gpn]
+        j, total_r, size_r = np.arange(n) % gpn, node_total[np.arange(n) // gpn], node_size[np.arange(n) // gpn]
         recv[:, 1] = total_r * (j + 1) // size_r - total_r * j // size_r
+        # Each piece crosses once to every other node whose group reaches it.
+        reaching = _count_at_least(g_doc * span + g_top, doc * span + index, doc * span + span)
+        reaching_own = _count_at_least((g_doc * num_nodes + g_node) * span + g_top, piece_key * span + index,
+                                       piece_key * span + span)
+        np.add.at(send[:, 1], rank, length * (reaching - reaching_own))
         # Stage 2: reader h lacks its stream interval [lo, hi) less its own stripe, plus the node's
-        # own pieces it reads; stripe j forwards its overlap with the other readers' intervals.
-        first_pair, read_pair = g_pos[h_group], g_pos[h_group] + h_need
-        lo, hi = stream_end[first_pair] - cross_len[first_pair], stream_end[read_pair]
+        # pieces of others it reads; stripe j forwards its overlap with the other readers' intervals.
+        lo = g_base[h_group]
+        hi = lo + crossing(h_doc, h_node, h_need)
         total_h, size_h = node_total[h_node], node_size[h_node]
         stripes = np.arange(gpn)
         a = total_h[:, None] * stripes // size_h[:, None]
@@ -343,17 +346,14 @@ class _Pieces:
         overlap = np.clip(np.minimum(hi[:, None], b) - np.maximum(lo[:, None], a), 0, None)
         overlap[stripes[None, :] >= size_h[:, None]] = 0
         mine = overlap[np.arange(len(h_rank)), h_rank % gpn]
-        np.add.at(recv[:, 0], h_rank, hi - lo - mine + held_upto[read_pair] - own)
+        np.add.at(recv[:, 0], h_rank, hi - lo - mine + held(h_doc, h_node, h_need) - own)
         forwarded = np.zeros((num_nodes, gpn), dtype=np.int64)
         np.add.at(forwarded, h_node, overlap)
         send[:, 0] += forwarded.ravel()[:n]
         np.add.at(send[:, 0], h_rank, -mine)
-        # Direct: a node-held piece goes from its owner to the node's other readers reaching it.
-        span = int(g_top.max()) + 1
-        held = np.flatnonzero(~crossing)
-        readers = _count_at_least(h_group * span + h_need, pair_group[held] * span + pair_index[held],
-                                  pair_group[held] * span + span)
-        np.add.at(send[:, 0], self.rank[pair_piece[held]], length[held] * (readers - 1))
+        # Direct: a piece goes from its owner to the other readers of its node reaching it.
+        readers = _count_at_least(h_key * span + h_need, piece_key * span + index, piece_key * span + span)
+        np.add.at(send[:, 0], rank, length * (readers - 1))
         return recv.tolist(), send.tolist()
 
     def _add_sent(self, send: np.ndarray, holder_last: np.ndarray, need: np.ndarray, num_nodes: int) -> None:
