@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from flashcp_planner import KVTransfer, Plan
-from flashcp_planner.comm import node_routes
+from flashcp_planner.comm import node_routes, rank_kv_needs
 
 __all__ = ["NodeExchangeLayout", "NodePending", "node_exchange_layout", "start_node_exchange", "start_node_grad_return"]
 
@@ -68,7 +68,8 @@ def node_exchange_layout(plan: Plan, rank: int, local_index: torch.Tensor,
     """
     assert plan.gpus_per_node is not None, "node_dedup plans record their node size"
     n, gpn = plan.cp_size, plan.gpus_per_node
-    routes = node_routes([rp.segments for rp in plan.ranks], gpn)
+    segments = [rp.segments for rp in plan.ranks]
+    routes = node_routes(segments, gpn, rank_kv_needs(segments))  # (node needs: their union per node)
     offsets = torch.tensor([0, *plan.doc_lengths], dtype=torch.int64).cumsum(0)
     node = rank // gpn
     node_ranks = tuple(range(node * gpn, min(n, (node + 1) * gpn)))

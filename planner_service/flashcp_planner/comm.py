@@ -498,17 +498,23 @@ class NodeRoutes(NamedTuple):
     stripe's rank) and the pieces it reads of other ranks of its node (from their owner)."""
 
 
-def node_routes(rank_segments: Sequence[Sequence[Segment]], gpus_per_node: int) -> NodeRoutes:
+def node_routes(
+    rank_segments: Sequence[Sequence[Segment]], gpus_per_node: int,
+    rank_needs: Sequence[Mapping[int, int]] | None = None,
+) -> NodeRoutes:
     """Both stages of ``NODE_DEDUP`` as transfers, each sorted by ``(dst, doc, start, src)``.
 
     Every rank ends up with exactly the keys :func:`derive_transfers` delivers to it under
-    ``EXACT_NEED``; a token crosses to a node at most once.
+    ``EXACT_NEED``; a token crosses to a node at most once. ``rank_needs``: the per-rank needs of
+    :func:`rank_kv_needs` when the caller has them (a plan that states them); the node-level needs
+    are their union (:func:`node_kv_needs`).
     """
     owners = _split_owners(rank_segments)
     n, gpn = len(rank_segments), gpus_per_node
     inter: list[KVTransfer] = []
     intra: list[KVTransfer] = []
-    streams, stream_len = _node_streams(owners, n, gpn)
+    needs = rank_kv_needs(rank_segments) if rank_needs is None else rank_needs
+    streams, stream_len = _node_streams(owners, n, gpn, needs)
     for node, entries in enumerate(streams):
         first, size, total = node * gpn, min(gpn, n - node * gpn), stream_len[node]
         for doc, owned, base, crossing, readers, _ in entries:
@@ -575,19 +581,35 @@ def _split_owners(rank_segments: Sequence[Sequence[Segment]]) -> dict[int, list[
 
 
 def _node_streams(
-    owners: Mapping[int, list[tuple[int, int, int]]], n: int, gpn: int
+    owners: Mapping[int, list[tuple[int, int, int]]], n: int, gpn: int,
+    rank_needs: Sequence[Mapping[int, int]] | None = None,
 ) -> tuple[list[list[_NodeEntry]], list[int]]:
-    """Every node's stream, document by document (see :class:`NodeRoutes`), and its length."""
+    """Every node's stream, document by document (see :class:`NodeRoutes`), and its length.
+
+    Readers and their needs come from ``rank_needs`` (:func:`rank_kv_needs`; node tops from
+    :func:`node_kv_needs`) when given, else from the pieces (each holder up to its last one).
+    """
     num_nodes = (n - 1) // gpn + 1
     streams: list[list[_NodeEntry]] = [[] for _ in range(num_nodes)]
     stream_len = [0] * num_nodes
+    needers: dict[int, list[tuple[int, int]]] = {}  # doc -> its (rank, key end) needs
+    for rank, need in enumerate(rank_needs or ()):
+        for doc, end in need.items():
+            needers.setdefault(doc, []).append((rank, end))
+    node_needs = node_kv_needs(rank_needs, gpn) if rank_needs is not None else None
     for doc, owned in owners.items():
         need, own = _holders(owned, True)
+        ends = [end for _, end, _ in owned]  # a need ends where one of the document's pieces ends
+        if node_needs is not None:
+            need = {rank: bisect_left(ends, end) for rank, end in needers.get(doc, ())}
         readers: dict[int, list[tuple[int, int]]] = {}
         for rank, upto in need.items():
             readers.setdefault(rank // gpn, []).append((rank, upto))
         for node, node_readers in readers.items():
-            top = max(upto for _, upto in node_readers)
+            if node_needs is None:
+                top = max(upto for _, upto in node_readers)
+            else:
+                top = bisect_left(ends, node_needs[node][doc])
             crossing, at = [], 0
             for index in range(top + 1):
                 start, end, src = owned[index]
