@@ -415,6 +415,26 @@ def rank_costs_of_sums(
                  for r, (tokens, attention, local) in enumerate(zip(*sums, strict=True)))
 
 
+def makespan_of_sums(
+    sums: AttentionSums, recv: Sequence[Sequence[int]], send: Sequence[Sequence[int]], cost_model: CostModel
+) -> float:
+    """``max(c.total_ms for c in rank_costs_of_sums(...))``, the same float (the same operations in
+    the same order, per rank), in array passes: to compare layouts and modes before building costs."""
+    cm = cost_model
+    tokens, attention, local = (np.asarray(x) for x in sums)
+    kv = cm.kv_bytes_per_token
+
+    def link_ms(tokens_by_link: Sequence[Sequence[int]]) -> np.ndarray:  # CostModel.link_ms per rank
+        moved = np.asarray(tokens_by_link, dtype=np.int64).reshape(-1, 2) * kv
+        intra = np.where(moved[:, 0] > 0, cm.intra_node_latency_ms + moved[:, 0] / (cm.intra_node_gbps * 1e6), 0.0)
+        inter = np.where(moved[:, 1] > 0, cm.inter_node_latency_ms + moved[:, 1] / (cm.inter_node_gbps * 1e6), 0.0)
+        return intra + inter
+
+    comm = link_ms(recv) + link_ms(send)
+    exposed = np.maximum(0.0, comm - cm.overlap_fraction * local)
+    return float((tokens * cm.linear_ms_per_token + attention + exposed).max())
+
+
 def _rank_cost(
     tokens: int, attention: float, local_attention: float, recv: Sequence[int], send: Sequence[int],
     cost_model: CostModel,

@@ -9,8 +9,15 @@ from operator import itemgetter
 
 import numpy as np
 
-from flashcp_planner.comm import traffic_of_columns, transfers_and_traffic
-from flashcp_planner.cost import attention_sums, attention_sums_of_columns, lower_bound_ms, rank_costs_of_sums
+from flashcp_planner.comm import Traffic, traffic_of_columns, transfers_and_traffic
+from flashcp_planner.cost import (
+    AttentionSums,
+    attention_sums,
+    attention_sums_of_columns,
+    lower_bound_ms,
+    makespan_of_sums,
+    rank_costs_of_sums,
+)
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
     CommMode,
@@ -98,13 +105,14 @@ def build_plan(
     ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode, costs: tuple[RankCost, ...] | None = None
 ) -> Plan:
     """Derive transfers and costs of ``layout`` and return the validated plan (``costs``: those of
-    :func:`layout_costs` under ``comm``, when the caller has them already)."""
+    :func:`layout_pricing` under ``comm``, when the caller has them already)."""
     from flashcp_planner.validation import validate_plan
 
     rank_segments = _sorted_segments(layout)
     lengths = layout.doc_lengths if layout.trusted and layout.doc_lengths is not None else ctx.doc_lengths
     if costs is None:
-        costs = _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, (comm,))[comm]
+        priced = _pricing(ctx, rank_segments, layout.columns if layout.trusted else None, (comm,))[comm]
+        costs = rank_costs_of_sums(*priced, ctx.cost_model)
     makespan = max(c.total_ms for c in costs)
     if not math.isfinite(makespan):
         raise InvalidRequest("cost_model", "its constants make the predicted time overflow (tiny throughputs?)")
@@ -151,31 +159,33 @@ def layout_crosses_nodes(ctx: PlanContext, layout: Layout) -> bool:
     return any(len(d.ranks) > 1 and min(d.ranks) // gpn != max(d.ranks) // gpn for d in records)
 
 
-def layout_costs(ctx: PlanContext, layout: Layout, comms: Sequence[CommMode]) -> dict[CommMode, tuple[RankCost, ...]]:
-    """The rank costs :func:`build_plan` will report for ``layout`` under each of ``comms`` (no plan
-    built)."""
-    return _rank_costs(ctx, _sorted_segments(layout), layout.columns if layout.trusted else None, comms)
+Priced = tuple[AttentionSums, Traffic, Traffic]
+"""A layout's per-rank attention sums and its traffic under one mode: its costs, not built yet."""
+
+
+def layout_pricing(ctx: PlanContext, layout: Layout, comms: Sequence[CommMode]) -> dict[CommMode, Priced]:
+    """What :func:`build_plan` prices ``layout`` with under each of ``comms`` (attention summed once);
+    :func:`makespan_of_sums` and :func:`rank_costs_of_sums` turn it into a makespan and costs."""
+    return _pricing(ctx, _sorted_segments(layout), layout.columns if layout.trusted else None, comms)
 
 
 def layout_makespan(ctx: PlanContext, layout: Layout, comm: CommMode) -> float:
     """The makespan :func:`build_plan` will report for ``layout`` under ``comm`` (no plan built)."""
-    return max(c.total_ms for c in layout_costs(ctx, layout, (comm,))[comm])
+    return makespan_of_sums(*layout_pricing(ctx, layout, (comm,))[comm], ctx.cost_model)
 
 
-def _rank_costs(
+def _pricing(
     ctx: PlanContext, rank_segments: tuple[Segments, ...], columns: RankColumns | None, comms: Sequence[CommMode]
-) -> dict[CommMode, tuple[RankCost, ...]]:
-    """Every rank's cost under each of ``comms`` (attention summed once): segment by segment for small
-    layouts, in array passes over columns otherwise."""
+) -> dict[CommMode, Priced]:
+    """Segment by segment for small layouts, in array passes over columns otherwise."""
     gpn = ctx.cost_model.gpus_per_node
     if columns is None and sum(map(len, rank_segments)) <= _SMALL:
         sums = attention_sums(rank_segments, ctx.cost_model)
-        traffic = {comm: transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)[1:] for comm in comms}
-    else:
-        columns = RankColumns.of(rank_segments) if columns is None else columns
-        sums = attention_sums_of_columns(columns, ctx.cost_model)
-        traffic = {comm: traffic_of_columns(columns, comm, gpn) for comm in comms}
-    return {comm: rank_costs_of_sums(sums, *traffic[comm], ctx.cost_model) for comm in comms}
+        return {comm: (sums, *transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)[1:])
+                for comm in comms}
+    columns = RankColumns.of(rank_segments) if columns is None else columns
+    sums = attention_sums_of_columns(columns, ctx.cost_model)
+    return {comm: (sums, *traffic_of_columns(columns, comm, gpn)) for comm in comms}
 
 
 _SMALL = 512

@@ -6,9 +6,9 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flashcp_planner.cost import node_dedup_proxy
+from flashcp_planner.cost import makespan_of_sums, node_dedup_proxy, rank_costs_of_sums
 from flashcp_planner.errors import Infeasible
-from flashcp_planner.layout import build_plan, layout_costs, layout_crosses_nodes
+from flashcp_planner.layout import build_plan, layout_crosses_nodes, layout_pricing
 from flashcp_planner.model import CommMode, Plan
 from flashcp_planner.request import PlanContext, PlanRequest
 from flashcp_planner.strategies import STRATEGIES, get_strategy
@@ -33,15 +33,16 @@ def plan_context(ctx: PlanContext, strategy: str) -> Plan:
     modes = auto_comms(ctx.options.comm, impl.default_comm, ctx.cp_size, ctx.cost_model.gpus_per_node)
     if CommMode.NODE_DEDUP not in modes or not layout_crosses_nodes(ctx, layout):
         return build_plan(ctx, layout, strategy=impl.name, comm=comm)
-    candidates = [(layout, mode, costs) for mode, costs in layout_costs(ctx, layout, modes).items()]
+    candidates = [(layout, mode, priced) for mode, priced in layout_pricing(ctx, layout, modes).items()]
     # Baselines are re-scored as they are; an exact strategy's optimum is of its own model.
     if impl.default_comm is CommMode.EXACT_NEED and not impl.is_optimal:
         proxy = dataclasses.replace(ctx, cost_model=node_dedup_proxy(ctx.cost_model),
                                     options=dataclasses.replace(ctx.options, comm=CommMode.EXACT_NEED))
-        other = impl.layout(proxy)
-        candidates += [(other, mode, costs) for mode, costs in layout_costs(ctx, other, modes).items()]
-    layout, comm, costs = min(candidates, key=lambda c: max(x.total_ms for x in c[2]))
-    return build_plan(ctx, layout, strategy=impl.name, comm=comm, costs=costs)
+        other = impl.layout(proxy)  # (searched for node_dedup: priced under it only)
+        dedup = CommMode.NODE_DEDUP
+        candidates.append((other, dedup, layout_pricing(ctx, other, (dedup,))[dedup]))
+    layout, comm, priced = min(candidates, key=lambda c: makespan_of_sums(*c[2], ctx.cost_model))
+    return build_plan(ctx, layout, strategy=impl.name, comm=comm, costs=rank_costs_of_sums(*priced, ctx.cost_model))
 
 
 def auto_comms(requested: CommMode | None, default: CommMode, cp_size: int, gpus_per_node: int) -> tuple[CommMode, ...]:

@@ -275,3 +275,16 @@ def test_the_search_proxy_charges_node_routing_for_inter_node_bytes():
     proxy = node_dedup_proxy(cost_model)
     assert proxy.inter_node_gbps == pytest.approx(1 / (1 / (8 * 45) + 7 / (8 * 300)))  # 175.6 GB/s
     assert dataclasses.replace(proxy, inter_node_gbps=45.0) == cost_model
+
+
+def test_makespan_in_array_passes_is_the_same_float():
+    from flashcp_planner.cost import attention_sums, makespan_of_sums, rank_costs_of_sums
+
+    for p, gpn in _small_plans(60):
+        segments = [rp.segments for rp in p.ranks]
+        cost_model = dataclasses.replace(BASE, gpus_per_node=gpn, overlap_fraction=0.5)
+        sums = attention_sums(segments, cost_model)
+        for comm in (CommMode.EXACT_NEED, CommMode.NODE_DEDUP):
+            _, recv, send = transfers_and_traffic(segments, comm, gpn, list_transfers=False)
+            costs = rank_costs_of_sums(sums, recv, send, cost_model)
+            assert makespan_of_sums(sums, recv, send, cost_model) == max(c.total_ms for c in costs)
