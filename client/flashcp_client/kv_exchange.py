@@ -7,7 +7,9 @@ received rows. Backward, the dK/dV of received rows travel back to their owners
 and are summed into the owners' local gradients. Which rows move is decided
 entirely by :func:`flashcp_planner.kv_transfers`, so the same code executes
 all-gather, sharding-aware and exact-need plans, and Whole-Doc documents move
-nothing. Works with NCCL (GPU) and gloo (CPU).
+nothing; ``node_dedup`` plans deliver the same rows in two stages, across
+nodes then inside them (:mod:`flashcp_client.node_exchange`). Works with NCCL
+(GPU) and gloo (CPU).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 
 from flashcp_client.errors import PlanMismatchError
 from flashcp_client.layout import RankLayout, rank_layout
+from flashcp_client.node_exchange import NodePending, start_node_exchange, start_node_grad_return
 from flashcp_planner import Plan
 
 __all__ = [
@@ -102,7 +105,9 @@ def _check_kv(k: torch.Tensor, v: torch.Tensor, layout: RankLayout) -> None:
         )
 
 
-def start_kv_exchange(k: torch.Tensor, v: torch.Tensor, layout: RankLayout, group: Any = None) -> PendingExchange:
+def start_kv_exchange(
+    k: torch.Tensor, v: torch.Tensor, layout: RankLayout, group: Any = None
+) -> PendingExchange | NodePending:
     """Send the K/V rows other ranks read and start receiving the rows this rank reads (async).
 
     Collective over ``group`` (skipped on every rank when the plan moves no KV).
@@ -110,6 +115,8 @@ def start_kv_exchange(k: torch.Tensor, v: torch.Tensor, layout: RankLayout, grou
     K heads then V heads, rows in :attr:`RankLayout.recv_index` order.
     """
     _check_kv(k, v, layout)
+    if layout.node_exchange is not None:
+        return start_node_exchange(torch.cat([k, v], dim=1), layout.node_exchange, group)
     rows = layout.cached(("send_rows", k.device), lambda: layout.send_rows.to(k.device))
     send = torch.cat([k, v], dim=1).index_select(0, rows)
     return _all_to_all(send, layout.send_splits, layout.recv_splits, group, skip=not layout.group_has_transfers)
@@ -128,7 +135,7 @@ def build_workspace(
 
 def start_grad_return(
     dk_ws: torch.Tensor, dv_ws: torch.Tensor, layout: RankLayout, group: Any = None
-) -> tuple[torch.Tensor, PendingExchange]:
+) -> tuple[torch.Tensor, PendingExchange | NodePending]:
     """Scatter workspace gradients onto local and received rows; send the received rows' share home (async).
 
     Returns ``(d_local, pending)``: ``d_local`` ``[local_tokens, 2 * kv_heads,
@@ -140,6 +147,8 @@ def start_grad_return(
     d_all = dk_ws.new_zeros((num_local + layout.num_recv_rows, 2 * dk_ws.shape[1], dk_ws.shape[2]))
     if source.numel():
         d_all.index_add_(0, source, torch.cat([dk_ws, dv_ws], dim=1))
+    if layout.node_exchange is not None:
+        return d_all[:num_local], start_node_grad_return(d_all[num_local:], num_local, layout.node_exchange, group)
     pending = _all_to_all(d_all[num_local:], layout.recv_splits, layout.send_splits, group,
                           skip=not layout.group_has_transfers)
     return d_all[:num_local], pending
@@ -147,6 +156,8 @@ def start_grad_return(
 
 def add_returned_grads(d_local: torch.Tensor, returned: torch.Tensor, layout: RankLayout) -> torch.Tensor:
     """Sum dK/dV returned by readers into the owner's local rows (in place, returned for chaining)."""
+    if layout.node_exchange is not None:  # already summed onto every local row
+        return d_local.add_(returned)
     if returned.shape[0]:
         rows = layout.cached(("send_rows", d_local.device), lambda: layout.send_rows.to(d_local.device))
         d_local.index_add_(0, rows, returned)

@@ -15,7 +15,8 @@ Execution contract (shared with :mod:`flashcp_kernels`):
 * The exchange is one ``all_to_all_single``: rank ``r`` sends, peer by peer in
   rank order, the local rows of every transfer ``src == r`` sorted by
   ``(dst, doc, start)``; it receives, peer by peer, the rows of every transfer
-  ``dst == r`` sorted by ``(src, doc, start)``.
+  ``dst == r`` sorted by ``(src, doc, start)``. A ``node_dedup`` plan delivers
+  the same rows in the same order in two stages (:mod:`flashcp_client.node_exchange`).
 
 Everything here is computed from the plan alone (no communication), on CPU,
 once per (plan, rank); :func:`rank_layout` caches it.
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 
 from flashcp_client.errors import PlanMismatchError
-from flashcp_planner import KVTransfer, Plan, Segment, kv_transfers
+from flashcp_client.node_exchange import node_exchange_layout
+from flashcp_planner import CommMode, KVTransfer, Plan, Segment, kv_transfers
 
 __all__ = ["AttentionPart", "WorkspaceDoc", "RankLayout", "rank_layout", "packed_order", "doc_offsets"]
 
@@ -110,6 +112,9 @@ class RankLayout:
     """Received rows that land in the workspace (the rest are read by no query: all-gather waste)."""
     group_has_transfers: bool
     """Whether any rank of the group exchanges KV (if not, the collective is skipped everywhere)."""
+    node_exchange: Any = None
+    """For ``node_dedup`` plans, the two stages that deliver the received rows
+    (:class:`flashcp_client.node_exchange.NodeExchangeLayout`); None: one ``all_to_all_single``."""
     _device_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -264,6 +269,8 @@ def _build_rank_layout(plan: Plan, rank: int) -> RankLayout:
         recv_index=recv_index,
         recv_used=recv_used,
         group_has_transfers=bool(transfers),
+        node_exchange=node_exchange_layout(plan, rank, local_index, recv_index)
+        if plan.comm is CommMode.NODE_DEDUP else None,
     )
 
 

@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from flashcp_planner import CostModel, Infeasible, InvalidRequest, Plan, PlanningError, PlanRequest
+from flashcp_planner import CommMode, CostModel, Infeasible, InvalidRequest, Plan, PlanningError, PlanRequest
 from flashcp_planner import plan as embedded_plan
+from flashcp_planner.planner import auto_comms
 from flashcp_planner.presets import PRESETS, cost_model_to_dict
 from flashcp_planner.strategies import STRATEGIES
 from flashcp_planner.validation import validate_plan
@@ -152,7 +153,7 @@ def verify_plans(request: PlanRequest, plans: Sequence[Plan | Mapping[str, Any]]
             f"{source}: returned {len(plans)} plans for {len(request.micro_batches)} micro-batches"
         )
     impl = STRATEGIES.get(request.strategy)
-    expected_comm = request.options.comm or (impl.default_comm if impl is not None else None)
+    gpn = request.cost_model.gpus_per_node
     out = []
     for i, (ctx, raw) in enumerate(zip(request.contexts(), plans, strict=True)):
         try:
@@ -173,7 +174,8 @@ def verify_plans(request: PlanRequest, plans: Sequence[Plan | Mapping[str, Any]]
                 ("strategy", plan.strategy, request.strategy),
                 ("cost_model", plan.cost_model, request.cost_model.name),
                 ("capacity", plan.capacity, ctx.capacity),
-                ("comm", plan.comm, expected_comm if expected_comm is not None else plan.comm),
+                ("comm", plan.comm, _expected_comm(request, impl, ctx.cp_size, plan.comm)),
+                ("gpus_per_node", plan.gpus_per_node, gpn if plan.comm is CommMode.NODE_DEDUP else None),
             )
             if got != want
         ]
@@ -184,6 +186,14 @@ def verify_plans(request: PlanRequest, plans: Sequence[Plan | Mapping[str, Any]]
             )
         out.append(plan)
     return tuple(out)
+
+
+def _expected_comm(request: PlanRequest, impl: Any, cp_size: int, got: CommMode) -> object:
+    """``got`` when the request allows it (:func:`flashcp_planner.auto_comms`), else the first mode it allows."""
+    if impl is None:
+        return request.options.comm or got
+    allowed = auto_comms(request.options.comm, impl.default_comm, cp_size, request.cost_model.gpus_per_node)
+    return got if got in allowed else allowed[0]
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -13,16 +13,33 @@ Per rank r (all times in milliseconds)::
 r (Whole-Doc documents, the head chunk of a split one): it can run while the
 KV of split documents is in flight. The same evaluator scores every strategy.
 
+Traffic per mode (:mod:`flashcp_planner.comm`; tokens, times ``kv_bytes_per_token``)::
+
+    exact_need   recv_r[c] = keys r reads, held by others, on links of class c; send_r the mirror
+    node_dedup   stage 1 (inter):  recv_r[inter] = |stripe_r| = T_m / size_m  (+-1 token)
+                                   send_s[inter] = sum over pieces p of s: |p| * (nodes != node(s) reading p)
+                 stage 2 (intra):  recv_r[intra] = (keys r reads held elsewhere in node m)
+                                                 + (stream keys r reads) - (those in stripe_r)
+                                   send_r[intra] = sum over readers q != r in m of |reads_q & stripe_r|
+                                                 + node-local pieces of r times their other readers
+
+where node m's stream holds every key its ranks read that no rank of m holds (``T_m`` tokens,
+each crossing once), striped over its ``size_m`` ranks. Both stages go into the same per-rank
+formula: ``link_ms(recv)`` is stage 1 (inter latency + bytes / inter bandwidth) then stage 2
+(intra latency + bytes / intra bandwidth), in sequence, each latency paid iff its stage moves
+bytes; backward (dK/dV reduced inside the node, then sent across once) is ``link_ms(send)``.
+
 Constants and their sources live in :mod:`flashcp_planner.presets`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from itertools import chain, compress
 
 import numpy as np
@@ -30,7 +47,8 @@ import numpy as np
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import KVTransfer, RankColumns, RankCost, Segment, Segments, int64_array
 
-__all__ = ["CostModel", "rank_costs", "rank_costs_of_traffic", "rank_costs_of_columns", "lower_bound_ms"]
+__all__ = ["CostModel", "lower_bound_ms", "node_dedup_proxy", "rank_costs", "rank_costs_of_columns",
+           "rank_costs_of_traffic"]
 
 _WHOLE_CACHE_SIZE = 1 << 16
 """Distinct document lengths memoised per cost model (bounded memory in long-running services)."""
@@ -315,6 +333,24 @@ class CostModel:
         return ms
 
 
+@functools.lru_cache(maxsize=16)
+def node_dedup_proxy(cost_model: CostModel) -> CostModel:
+    """``cost_model`` with the inter-node bandwidth that makes exact-need pricing stand for
+    ``node_dedup`` routing, for searches whose traffic must be additive per document.
+
+    When the ``g`` ranks of a node all read the keys their node lacks (head-tail groups over
+    aligned nodes), ``B`` inter-node bytes per rank under exact need become ``B / g`` across the
+    node's links plus ``B (g - 1) / g`` forwarded inside it::
+
+        1 / inter_gbps' = 1 / (g * inter_gbps) + (g - 1) / (g * intra_gbps)
+
+    Plans are always priced under the real constants; this model only steers a search.
+    """
+    g = cost_model.gpus_per_node
+    inverse = 1.0 / (g * cost_model.inter_node_gbps) + (g - 1) / (g * cost_model.intra_node_gbps)
+    return replace(cost_model, inter_node_gbps=1.0 / inverse)
+
+
 def _check_float(name: str, value: object, *, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidRequest(f"cost_model.{name}", f"must be a finite number, got {value!r}")
@@ -352,15 +388,51 @@ def rank_costs_of_traffic(
     Python version's ``sum``). Segments from token 0 (whole documents, head chunks) are scored in
     bulk through the whole-document memo; the others one by one.
     """
+    return rank_costs_of_sums(attention_sums(rank_segments, cost_model), recv, send, cost_model)
+
+
+AttentionSums = tuple[list[int], list[float], list[float]]
+"""Per rank: tokens, attention ms, local attention ms (what a rank's cost needs besides traffic)."""
+
+
+def attention_sums(rank_segments: Sequence[Sequence[Segment]], cost_model: CostModel) -> AttentionSums:
+    """The per-rank sums of :func:`rank_costs_of_traffic`, to price one layout under several traffics."""
     columns = [Segments.of(segments) for segments in rank_segments]
     local_ms, remote_ms = _attention_terms(columns, cost_model)
-    costs = []
+    tokens, attention, local = [], [], []
     for r, segments in enumerate(columns):
-        tokens = sum(segments.ends) - sum(segments.starts)
-        local_attention = math.fsum(local_ms[r])
-        attention = math.fsum(local_ms[r] + remote_ms[r]) if remote_ms[r] else local_attention
-        costs.append(_rank_cost(tokens, attention, local_attention, recv[r], send[r], cost_model))
-    return tuple(costs)
+        tokens.append(sum(segments.ends) - sum(segments.starts))
+        local.append(math.fsum(local_ms[r]))
+        attention.append(math.fsum(local_ms[r] + remote_ms[r]) if remote_ms[r] else local[-1])
+    return tokens, attention, local
+
+
+def rank_costs_of_sums(
+    sums: AttentionSums, recv: Sequence[Sequence[int]], send: Sequence[Sequence[int]], cost_model: CostModel
+) -> tuple[RankCost, ...]:
+    """Every rank's cost from :func:`attention_sums` (or :func:`attention_sums_of_columns`) and traffic."""
+    return tuple(_rank_cost(tokens, attention, local, recv[r], send[r], cost_model)
+                 for r, (tokens, attention, local) in enumerate(zip(*sums, strict=True)))
+
+
+def makespan_of_sums(
+    sums: AttentionSums, recv: Sequence[Sequence[int]], send: Sequence[Sequence[int]], cost_model: CostModel
+) -> float:
+    """``max(c.total_ms for c in rank_costs_of_sums(...))``, the same float (the same operations in
+    the same order, per rank), in array passes: to compare layouts and modes before building costs."""
+    cm = cost_model
+    tokens, attention, local = (np.asarray(x) for x in sums)
+    kv = cm.kv_bytes_per_token
+
+    def link_ms(tokens_by_link: Sequence[Sequence[int]]) -> np.ndarray:  # CostModel.link_ms per rank
+        moved = np.asarray(tokens_by_link, dtype=np.int64).reshape(-1, 2) * kv
+        intra = np.where(moved[:, 0] > 0, cm.intra_node_latency_ms + moved[:, 0] / (cm.intra_node_gbps * 1e6), 0.0)
+        inter = np.where(moved[:, 1] > 0, cm.inter_node_latency_ms + moved[:, 1] / (cm.inter_node_gbps * 1e6), 0.0)
+        return intra + inter
+
+    comm = link_ms(recv) + link_ms(send)
+    exposed = np.maximum(0.0, comm - cm.overlap_fraction * local)
+    return float((tokens * cm.linear_ms_per_token + attention + exposed).max())
 
 
 def _rank_cost(
@@ -425,6 +497,11 @@ def rank_costs_of_columns(
     gathered changes. A segment is local when the rank holds its document's keys from token 0 on:
     its run of contiguous pieces of that document on the rank starts at token 0.
     """
+    return rank_costs_of_sums(attention_sums_of_columns(columns, cost_model), recv, send, cost_model)
+
+
+def attention_sums_of_columns(columns: RankColumns, cost_model: CostModel) -> AttentionSums:
+    """:func:`attention_sums` of segments given as columns (the same floats, in array passes)."""
     starts, ends, bounds = columns.starts, columns.ends, columns.bounds
     later = np.flatnonzero(starts)  # rows not from token 0
     ms = cost_model.whole_attention_array(ends)  # right for the rows from token 0; the others next
@@ -435,16 +512,13 @@ def rank_costs_of_columns(
     remote_upto = np.searchsorted(np.flatnonzero(~local), bounds).tolist()  # remote rows before each rank
     local_list = local.tolist() if remote_upto[-1] else []
     ms_view = memoryview(ms)  # fsum reads Python floats from it, without a list of them
-    tokens = columns.tokens()
-    costs = []
+    attention, local_attention = [], []
     for r in range(len(bounds) - 1):
         a, b = bounds[r], bounds[r + 1]
-        attention = math.fsum(ms_view[a:b])
-        local_attention = attention
-        if remote_upto[r] != remote_upto[r + 1]:
-            local_attention = math.fsum(compress(ms_view[a:b], local_list[a:b]))
-        costs.append(_rank_cost(tokens[r], attention, local_attention, recv[r], send[r], cost_model))
-    return tuple(costs)
+        attention.append(math.fsum(ms_view[a:b]))
+        local_attention.append(attention[-1] if remote_upto[r] == remote_upto[r + 1]
+                               else math.fsum(compress(ms_view[a:b], local_list[a:b])))
+    return columns.tokens(), attention, local_attention
 
 
 def _later_rows_local(columns: RankColumns, later: np.ndarray) -> np.ndarray:

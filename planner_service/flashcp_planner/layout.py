@@ -9,8 +9,15 @@ from operator import itemgetter
 
 import numpy as np
 
-from flashcp_planner.comm import traffic_of_columns, transfers_and_traffic
-from flashcp_planner.cost import lower_bound_ms, rank_costs_of_columns, rank_costs_of_traffic
+from flashcp_planner.comm import Traffic, traffic_of_columns, transfers_and_traffic
+from flashcp_planner.cost import (
+    AttentionSums,
+    attention_sums,
+    attention_sums_of_columns,
+    lower_bound_ms,
+    makespan_of_sums,
+    rank_costs_of_sums,
+)
 from flashcp_planner.errors import InvalidRequest
 from flashcp_planner.model import (
     CommMode,
@@ -94,16 +101,18 @@ def head_tail_segments(doc: int, length: int, ranks: Sequence[int]) -> list[tupl
     return out
 
 
-def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode) -> Plan:
-    """Derive transfers and costs of ``layout`` and return the validated plan."""
+def build_plan(
+    ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMode, costs: tuple[RankCost, ...] | None = None
+) -> Plan:
+    """Derive transfers and costs of ``layout`` and return the validated plan (``costs``: those of
+    :func:`layout_pricing` under ``comm``, when the caller has them already)."""
     from flashcp_planner.validation import validate_plan
 
-    if layout.trusted and all(isinstance(segments, Segments) for segments in layout.rank_segments):
-        rank_segments = tuple(layout.rank_segments)
-    else:
-        rank_segments = segments_by_rank(layout.rank_segments)
+    rank_segments = _sorted_segments(layout)
     lengths = layout.doc_lengths if layout.trusted and layout.doc_lengths is not None else ctx.doc_lengths
-    costs = _rank_costs(ctx, rank_segments, layout.columns if layout.trusted else None, comm)
+    if costs is None:
+        priced = _pricing(ctx, rank_segments, layout.columns if layout.trusted else None, (comm,))[comm]
+        costs = rank_costs_of_sums(*priced, ctx.cost_model)
     makespan = max(c.total_ms for c in costs)
     if not math.isfinite(makespan):
         raise InvalidRequest("cost_model", "its constants make the predicted time overflow (tiny throughputs?)")
@@ -122,6 +131,7 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
         makespan_ms=makespan,
         lower_bound_ms=lower_bound_ms(lengths, ctx.cp_size, ctx.cost_model),
         optimality=layout.optimality,
+        gpus_per_node=ctx.cost_model.gpus_per_node if comm is CommMode.NODE_DEDUP else None,
     )
     if layout.trusted:
         held = [c.tokens for c in costs]
@@ -134,18 +144,48 @@ def build_plan(ctx: PlanContext, layout: Layout, *, strategy: str, comm: CommMod
     return plan
 
 
-def _rank_costs(
-    ctx: PlanContext, rank_segments: tuple[Segments, ...], columns: RankColumns | None, comm: CommMode
-) -> tuple[RankCost, ...]:
-    """Every rank's cost: segment by segment for small layouts, in array passes over columns otherwise."""
+def _sorted_segments(layout: Layout) -> tuple[Segments, ...]:
+    if layout.trusted and all(isinstance(segments, Segments) for segments in layout.rank_segments):
+        return tuple(layout.rank_segments)
+    return segments_by_rank(layout.rank_segments)
+
+
+def layout_crosses_nodes(ctx: PlanContext, layout: Layout) -> bool:
+    """Whether a split document of ``layout`` has pieces on two nodes (only then can exact need and
+    node_dedup differ), read from its sharding records (only the split ones of :class:`Shardings`)."""
+    gpn = ctx.cost_model.gpus_per_node
+    documents = layout.documents
+    records = documents.split.values() if isinstance(documents, Shardings) else documents
+    return any(len(d.ranks) > 1 and min(d.ranks) // gpn != max(d.ranks) // gpn for d in records)
+
+
+Priced = tuple[AttentionSums, Traffic, Traffic]
+"""A layout's per-rank attention sums and its traffic under one mode: its costs, not built yet."""
+
+
+def layout_pricing(ctx: PlanContext, layout: Layout, comms: Sequence[CommMode]) -> dict[CommMode, Priced]:
+    """What :func:`build_plan` prices ``layout`` with under each of ``comms`` (attention summed once);
+    :func:`makespan_of_sums` and :func:`rank_costs_of_sums` turn it into a makespan and costs."""
+    return _pricing(ctx, _sorted_segments(layout), layout.columns if layout.trusted else None, comms)
+
+
+def layout_makespan(ctx: PlanContext, layout: Layout, comm: CommMode) -> float:
+    """The makespan :func:`build_plan` will report for ``layout`` under ``comm`` (no plan built)."""
+    return makespan_of_sums(*layout_pricing(ctx, layout, (comm,))[comm], ctx.cost_model)
+
+
+def _pricing(
+    ctx: PlanContext, rank_segments: tuple[Segments, ...], columns: RankColumns | None, comms: Sequence[CommMode]
+) -> dict[CommMode, Priced]:
+    """Segment by segment for small layouts, in array passes over columns otherwise."""
     gpn = ctx.cost_model.gpus_per_node
     if columns is None and sum(map(len, rank_segments)) <= _SMALL:
-        _, recv, send = transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)
-        return rank_costs_of_traffic(rank_segments, recv, send, ctx.cost_model)
-    if columns is None:
-        columns = RankColumns.of(rank_segments)
-    recv, send = traffic_of_columns(columns, comm, gpn)
-    return rank_costs_of_columns(columns, recv, send, ctx.cost_model)
+        sums = attention_sums(rank_segments, ctx.cost_model)
+        return {comm: (sums, *transfers_and_traffic(rank_segments, comm, gpn, list_transfers=False)[1:])
+                for comm in comms}
+    columns = RankColumns.of(rank_segments) if columns is None else columns
+    sums = attention_sums_of_columns(columns, ctx.cost_model)
+    return {comm: (sums, *traffic_of_columns(columns, comm, gpn)) for comm in comms}
 
 
 _SMALL = 512

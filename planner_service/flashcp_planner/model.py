@@ -61,6 +61,10 @@ class CommMode(str, enum.Enum):
     """Only split documents move: every rank holding part of a document receives all of it."""
     EXACT_NEED = "exact_need"
     """Each rank receives exactly the remote KV tokens its queries read."""
+    NODE_DEDUP = "node_dedup"
+    """Exact need, routed per node: every remote key range a node's ranks read crosses the
+    inter-node links once for the node, striped over its ranks, and is forwarded inside the node
+    to the ranks that read it (:func:`flashcp_planner.comm.node_routes`). Backward mirrors it."""
 
 
 class ShardingKind(str, enum.Enum):
@@ -489,6 +493,9 @@ class Plan:
     them on first use. A listed tuple is checked against the derivation by validation. Never listed for
     ``ALL_GATHER`` (every remote token to every rank: O(N x segments)). Not part of equality: derived data."""
     version: int = field(default=PLAN_FORMAT_VERSION)
+    gpus_per_node: int | None = None
+    """Ranks per node the routes of a ``NODE_DEDUP`` plan were derived with (ranks r and s share a
+    node iff ``r // gpus_per_node == s // gpus_per_node``); None for every other mode."""
 
     @property
     def num_tokens(self) -> int:
@@ -527,6 +534,8 @@ class Plan:
             "documents": _document_dicts(self.documents),
             "transfers": [] if self.comm is CommMode.ALL_GATHER else kv_transfer_rows(self).tolist(),
         }
+        if self.gpus_per_node is not None:
+            out["gpus_per_node"] = self.gpus_per_node
         if self.optimality is not None:
             opt = {
                 "status": self.optimality.status,
@@ -614,6 +623,7 @@ class Plan:
                 lower_bound_ms=float(data["lower_bound_ms"]),
                 optimality=optimality,
                 version=version,
+                gpus_per_node=None if data.get("gpus_per_node") is None else int(data["gpus_per_node"]),
             )
         except InvalidRequest:
             raise

@@ -18,11 +18,17 @@ def validate_plan(plan: Plan, *, check_transfers: bool = True) -> None:
     order; every token of every document covered exactly once; capacity
     respected; one sharding record per document whose ranks match the owners;
     and (``check_transfers``) the transfers equal those derived from the
-    segments under the plan's communication mode.
+    segments under the plan's communication mode; ``gpus_per_node`` set (positive) exactly for
+    ``NODE_DEDUP`` plans.
     """
     n = plan.cp_size
     if n < 1 or len(plan.ranks) != n:
         raise InvalidRequest("plan.ranks", f"expected {n} ranks, got {len(plan.ranks)}")
+    gpn = plan.gpus_per_node
+    if (plan.comm is CommMode.NODE_DEDUP) != (gpn is not None):
+        raise InvalidRequest("plan.gpus_per_node", "must be set exactly when comm is node_dedup")
+    if gpn is not None and (isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1):
+        raise InvalidRequest("plan.gpus_per_node", f"must be a positive integer, got {gpn!r}")
     lengths = plan.doc_lengths
     num_docs = len(lengths)
     first: dict[int, tuple[int, int, int]] = {}  # doc -> its first piece (start, end, rank)

@@ -34,7 +34,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-CommName = Literal["all_gather", "sharding_aware", "exact_need"]
+CommName = Literal["all_gather", "sharding_aware", "exact_need", "node_dedup"]
 
 
 class _Strict(BaseModel):
@@ -207,6 +207,9 @@ class PlanJSON(BaseModel):
         description="[src, dst, doc, start, end]; empty for all_gather. Absent when the request set omit_transfers.",
     )
     optimality: OptimalityJSON | None = None
+    gpus_per_node: int | None = Field(
+        default=None, description="Ranks per node the node_dedup routes were derived with; absent otherwise."
+    )
 
 
 class PlanResponseModel(BaseModel):

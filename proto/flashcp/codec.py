@@ -81,6 +81,7 @@ _COMM_TO_PB = {
     CommMode.ALL_GATHER: pb.COMM_MODE_ALL_GATHER,
     CommMode.SHARDING_AWARE: pb.COMM_MODE_SHARDING_AWARE,
     CommMode.EXACT_NEED: pb.COMM_MODE_EXACT_NEED,
+    CommMode.NODE_DEDUP: pb.COMM_MODE_NODE_DEDUP,
 }
 _COMM_FROM_PB = {v: k for k, v in _COMM_TO_PB.items()}
 _KIND_TO_PB = {
@@ -308,6 +309,8 @@ def plan_to_pb(plan: Plan, out: pb.Plan | None = None, *, list_transfers: bool =
     message.doc_lengths.extend(plan.doc_lengths)
     message.capacity = plan.capacity
     message.comm = _COMM_TO_PB[plan.comm]
+    if plan.gpus_per_node is not None:
+        message.gpus_per_node = plan.gpus_per_node
     message.cost_model = plan.cost_model
     message.makespan_ms = plan.makespan_ms
     message.lower_bound_ms = plan.lower_bound_ms
@@ -489,6 +492,7 @@ def plan_from_pb(message: pb.Plan, *, validate: bool = True) -> Plan:
         lower_bound_ms=message.lower_bound_ms,
         optimality=optimality,
         version=message.version,
+        gpus_per_node=message.gpus_per_node if message.HasField("gpus_per_node") else None,
     )
     if validate:
         from flashcp_planner.validation import validate_plan
@@ -542,6 +546,8 @@ def plan_pb_to_dict(message: pb.Plan, *, include_timing: bool = True) -> dict[st
     }
     if not message.transfers_omitted:
         out["transfers"] = list(map(list, _groups(message.transfers[:], _TRANSFER_WIDTH, "plan.transfers")))
+    if message.HasField("gpus_per_node"):
+        out["gpus_per_node"] = message.gpus_per_node
     if message.HasField("optimality"):
         o = message.optimality
         opt = {

@@ -25,3 +25,20 @@ def sub_group_plan(ctx: PlanContext, comm: CommMode | str) -> Plan:
             documents.append(sharding)
     layout = Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents))
     return build_plan(ctx, layout, strategy="flashcp", comm=CommMode(comm))
+
+
+def node_local_plan(ctx: PlanContext, comm: CommMode | str) -> Plan:
+    """Document d head-tail over the ranks of node ``d % num_nodes``: no key crosses nodes."""
+    n, gpn = ctx.cp_size, ctx.cost_model.gpus_per_node
+    num_nodes = (n - 1) // gpn + 1
+    rank_segments = [[] for _ in range(n)]
+    documents = []
+    for doc, length in enumerate(ctx.doc_lengths):
+        node = doc % num_nodes
+        group = tuple(range(node * gpn, min(n, (node + 1) * gpn)))
+        pieces = head_tail_segments(doc, length, group)
+        for r, seg in pieces:
+            rank_segments[r].append(seg)
+        documents.append(sharding_of(doc, group, pieces, ShardingKind.SUB_GROUP))
+    layout = Layout(rank_segments=tuple(tuple(s) for s in rank_segments), documents=tuple(documents))
+    return build_plan(ctx, layout, strategy="flashcp", comm=CommMode(comm))

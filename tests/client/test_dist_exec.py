@@ -34,8 +34,11 @@ EXTRA_COMM = (("per_doc", "exact_need"), ("zigzag", "exact_need"), ("flashcp", "
               ("flashcp", "all_gather"), ("contiguous", "sharding_aware"))
 
 
-MOVING_PLANS = ("per_doc/exact_need", "zigzag/exact_need", "contiguous/sharding_aware", "sub_group/exact_need")
+MOVING_PLANS = ("per_doc/exact_need", "zigzag/exact_need", "contiguous/sharding_aware", "sub_group/exact_need",
+                "per_doc/node_dedup", "sub_group/node_dedup")
 """Plans that must move KV without all-gather (so the exchange path is really exercised)."""
+NODE_GPN = 2
+"""Ranks per simulated node of the node_dedup plans (4-rank group: two nodes)."""
 
 
 def _backend() -> str:
@@ -45,36 +48,38 @@ def _backend() -> str:
 # --------------------------------------------------------------------------- plans
 
 
-def _cost_model():
+def _cost_model(gpus_per_node=8):
     from flashcp_planner import CostModel
 
     # Attention-dominated constants so that the FlashCP heuristic splits some of these short documents.
     return CostModel(name="test-small", num_heads=N_HEADS, num_kv_heads=N_KV_HEADS, head_dim=HEAD_DIM,
                      bytes_per_element=4, attention_segment_overhead_ms=0.0, intra_node_latency_ms=0.0,
-                     inter_node_latency_ms=0.0, attention_tflops=1e-3, gemm_tflops=1e3)
+                     inter_node_latency_ms=0.0, attention_tflops=1e-3, gemm_tflops=1e3, gpus_per_node=gpus_per_node)
 
 
-def _request(lengths, n, strategy, comm, *, capacity=None):
+def _request(lengths, n, strategy, comm, *, capacity=None, gpus_per_node=8):
     from flashcp_planner import PlanOptions, PlanRequest
 
-    return PlanRequest(micro_batches=[list(lengths)], cp_size=n, cost_model=_cost_model(), strategy=strategy,
-                       capacity=capacity, options=PlanOptions(comm=comm))
+    return PlanRequest(micro_batches=[list(lengths)], cp_size=n, cost_model=_cost_model(gpus_per_node),
+                       strategy=strategy, capacity=capacity, options=PlanOptions(comm=comm))
 
 
-def _plan(lengths, n, strategy, comm=None):
+def _plan(lengths, n, strategy, comm=None, **kwargs):
     from flashcp_planner import Infeasible, plan
 
     try:
-        return plan(_request(lengths, n, strategy, comm))[0]
+        return plan(_request(lengths, n, strategy, comm, **kwargs))[0]
     except Infeasible:
-        return plan(_request(lengths, n, strategy, comm, capacity=sum(lengths)))[0]
+        return plan(_request(lengths, n, strategy, comm, capacity=sum(lengths), **kwargs))[0]
 
 
-def _sub_group_plan(lengths, n, comm):
-    """Doc 0 on a sub-group of ranks 1..n-1, doc 1 per-doc, the rest whole (see hand_plans)."""
+def _hand_plan(name, lengths, n, comm, **kwargs):
+    """``hand_plans.sub_group_plan`` (doc 0 on ranks 1..n-1, doc 1 per-doc, the rest whole) or
+    ``hand_plans.node_local_plan`` (every document head-tail inside one node)."""
     import hand_plans
 
-    return hand_plans.sub_group_plan(_request(lengths, n, "flashcp", comm, capacity=sum(lengths)).contexts()[0], comm)
+    ctx = _request(lengths, n, "flashcp", comm, capacity=sum(lengths), **kwargs).contexts()[0]
+    return getattr(hand_plans, name)(ctx, comm)
 
 
 def plans_for(n):
@@ -82,8 +87,15 @@ def plans_for(n):
     plans = {f"{s}/default": _plan(lengths, n, s) for s in STRATEGY_NAMES}
     plans.update({f"{s}/{c}": _plan(lengths, n, s, c) for s, c in EXTRA_COMM})
     if n >= 3:
-        plans["sub_group/exact_need"] = _sub_group_plan(lengths, n, "exact_need")
-        plans["sub_group/all_gather"] = _sub_group_plan(lengths, n, "all_gather")
+        plans["sub_group/exact_need"] = _hand_plan("sub_group_plan", lengths, n, "exact_need")
+        plans["sub_group/all_gather"] = _hand_plan("sub_group_plan", lengths, n, "all_gather")
+    if n == 4:  # two simulated nodes of NODE_GPN ranks
+        plans.update({f"{s}/node_dedup": _plan(lengths, n, s, "node_dedup", gpus_per_node=NODE_GPN)
+                      for s in STRATEGY_NAMES})
+        plans["sub_group/node_dedup"] = _hand_plan("sub_group_plan", lengths, n, "node_dedup",
+                                                   gpus_per_node=NODE_GPN)
+        plans["node_local/node_dedup"] = _hand_plan("node_local_plan", lengths, n, "node_dedup",
+                                                    gpus_per_node=NODE_GPN)
     return plans
 
 
@@ -184,6 +196,8 @@ def _checks(rank, n, record):
         if label in MOVING_PLANS:
             record(f"{label}/moves_kv", bool(kv_transfers(p)) and layout.group_has_transfers,
                    "plan splits some document")
+        if label.endswith("/node_dedup"):
+            _node_stage_checks(rank, label, p, dispatch(k, p, rank), dispatch(v, p, rank), record)
 
     if n == 2:
         _triton_interpreter_case(rank, n, record)
@@ -226,6 +240,38 @@ def _checks(rank, n, record):
     check = torch.tensor([1.0])
     dist.all_reduce(check)
     record("mismatch/group_still_in_step", fingerprint == good.fingerprint() and check.item() == n, "")
+
+
+def _node_stage_checks(rank, label, p, kl, vl, record):
+    """Bytes of each node_dedup stage, both directions, against the planner's per-stage traffic."""
+    from flashcp_client import rank_layout
+    from flashcp_client.kv_exchange import start_grad_return, start_kv_exchange
+    from flashcp_planner import CommMode
+    from flashcp_planner.comm import transfers_and_traffic
+
+    layout = rank_layout(p, rank)
+    _, recv, send = transfers_and_traffic([rp.segments for rp in p.ranks], CommMode.NODE_DEDUP, p.gpus_per_node,
+                                          list_transfers=False)
+    kv = 2 * N_KV_HEADS * HEAD_DIM * kl.element_size()
+    planned = (recv[rank][1] * kv, send[rank][1] * kv, recv[rank][0] * kv, send[rank][0] * kv)
+    forward = start_kv_exchange(kl, vl, layout)
+    forward.wait()
+    moved = (forward.inter_received_bytes, forward.inter_sent_bytes, forward.intra_received_bytes,
+             forward.intra_sent_bytes)
+    record(f"{label}/stage_bytes_forward", moved == planned, f"inter recv/send, intra recv/send: moved {moved}, "
+           f"planned {planned}")
+    d_ws = torch.randn(layout.num_workspace_rows, N_KV_HEADS, HEAD_DIM)
+    _, backward = start_grad_return(d_ws, d_ws.clone(), layout)
+    backward.wait()
+    moved = (backward.inter_sent_bytes, backward.inter_received_bytes, backward.intra_sent_bytes,
+             backward.intra_received_bytes)
+    record(f"{label}/stage_bytes_backward", moved == planned, f"mirror of forward: moved {moved}, planned {planned}")
+    if label.startswith("node_local/"):
+        record(f"{label}/nothing_crosses", not layout.node_exchange.group_crosses and planned[:2] == (0, 0)
+               and sum(s[0] for s in recv) > 0, f"planned intra recv {[s[0] for s in recv]}")
+    elif label == "per_doc/node_dedup":
+        record(f"{label}/crosses", layout.node_exchange.group_crosses and sum(s[1] for s in recv) > 0,
+               f"planned inter recv {[s[1] for s in recv]}")
 
 
 def _triton_interpreter_case(rank, n, record):
@@ -353,6 +399,16 @@ def test_bytes_moved_equal_planner_prediction(group_results):
 
 def test_cp_attention_matches_sdpa_over_packed_sequence(group_results):
     _assert_checks(group_results, "/attention", len(STRATEGY_NAMES))
+
+
+def test_node_dedup_stages_move_the_planned_bytes(group_results):
+    n, _ = group_results
+    if n != 4:
+        pytest.skip("node_dedup plans run in the 4-rank group (two nodes of 2 ranks)")
+    _assert_checks(group_results, "/stage_bytes_forward", len(STRATEGY_NAMES) + 2)
+    _assert_checks(group_results, "/stage_bytes_backward", len(STRATEGY_NAMES) + 2)
+    _assert_checks(group_results, "/nothing_crosses", 1)
+    _assert_checks(group_results, "/crosses", 1)
 
 
 def test_triton_interpreter_case(group_results):

@@ -147,7 +147,8 @@ def test_plans_scored_through_the_seeded_memo_equal_fresh_scoring(workload, cp_s
     from flashcp_planner.layout import build_plan, placements_layout
 
     [lengths] = generate(workload, context=cp_size * 32768, seed=5)
-    seeded = plan(PlanRequest(micro_batches=[lengths], cp_size=cp_size, cost_model=dataclasses.replace(BASE)))[0]
+    seeded = plan(PlanRequest(micro_batches=[lengths], cp_size=cp_size, cost_model=dataclasses.replace(BASE),
+                              options=PlanOptions(comm=CommMode.EXACT_NEED)))[0]  # (by default: maybe node_dedup)
     fresh = _context(lengths, cp_size, cost_model=dataclasses.replace(BASE))
     layout = placements_layout(fresh, *heuristic_placements(fresh, CommMode.EXACT_NEED, native=False))
     reference = build_plan(fresh, layout, strategy="flashcp", comm=CommMode.EXACT_NEED)

@@ -93,7 +93,7 @@ def _brute_force(p):
     for r in range(n):
         owned = [(d, i) for (d, i), o in owner.items() if o == r]
         docs = {d for d, _ in owned}
-        if p.comm is CommMode.EXACT_NEED:
+        if p.comm in (CommMode.EXACT_NEED, CommMode.NODE_DEDUP):  # (one node here: node_dedup moves the same)
             need = set()
             for d, i in owned:
                 pairs[r] += i + 1

@@ -25,7 +25,7 @@ def _request(seed: int, *, strategy: str = "flashcp", num_docs: int = 40, cp_siz
 
 
 @pytest.mark.parametrize("strategy", HEURISTICS)
-@pytest.mark.parametrize("comm", [None, CommMode.ALL_GATHER, CommMode.EXACT_NEED])
+@pytest.mark.parametrize("comm", [None, CommMode.ALL_GATHER, CommMode.EXACT_NEED, CommMode.NODE_DEDUP])
 def test_plan_round_trip_is_lossless(strategy: str, comm: CommMode | None) -> None:
     request = dataclasses.replace(_request(3, strategy=strategy), options=PlanOptions(comm=comm))
     for p in plan(request):

@@ -41,6 +41,18 @@ def test_omit_transfers_drops_the_transfers_key(http_client) -> None:
     assert compared_listed["comparisons"][0]["results"][0]["plan"]["transfers"]
 
 
+def test_node_dedup_over_http(http_client) -> None:
+    body = {"micro_batches": [[40000, 3000, 700]], "cp_size": 16, "options": {"comm": "node_dedup"},
+            "strategy": "per_doc"}
+    response = http_client.post("/v1/plan", json=body)
+    assert response.status_code == 200, response.text
+    (got,) = response.json()["plans"]
+    assert got["comm"] == "node_dedup" and got["gpus_per_node"] == 8
+    request = PlanRequest(micro_batches=body["micro_batches"], cp_size=16, strategy="per_doc",
+                          options=PlanOptions(comm=CommMode.NODE_DEDUP))
+    assert Plan.from_dict(got) == plan(request)[0]
+
+
 def test_every_request_field_is_honoured(http_client) -> None:
     body = {
         **BODY,

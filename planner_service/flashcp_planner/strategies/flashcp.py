@@ -63,7 +63,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from flashcp_planner.layout import FILL, Layout, head_tail_segments, placements_layout
+from flashcp_planner.layout import FILL, Layout, head_tail_segments, layout_makespan, placements_layout
 from flashcp_planner.model import CommMode, Segment
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.shares import LoadState, Share, head_tail_shares, pieces_shares, whole_share
@@ -541,8 +541,22 @@ class PlacementSearch:
             touch[s[0]].add(d)
 
 
+def search_comm_of(comm: CommMode) -> CommMode:
+    """The mode the search scores moves under: ``comm`` itself when its traffic is additive per
+    document, else the closest that is (candidates are then re-scored exactly under ``comm``):
+    sharding-aware for all-gather, exact-need for node_dedup (whose stripes couple documents)."""
+    if comm is CommMode.ALL_GATHER:
+        return CommMode.SHARDING_AWARE
+    return CommMode.EXACT_NEED if comm is CommMode.NODE_DEDUP else comm
+
+
 def _exact_makespan(search: PlacementSearch, placement: list[Placement], fills: dict, comm: CommMode) -> float:
     """Makespan of a placement under ``comm`` with the evaluator's formula (exact also for ALL_GATHER)."""
+    if comm is CommMode.NODE_DEDUP:  # by the plan evaluator itself
+        layout = placements_layout(search.ctx, placement, fills)
+        if any(sum(e - s for _, s, e in segments) > search.capacity for segments in layout.rank_segments):
+            return float("inf")
+        return layout_makespan(search.ctx, layout, comm)
     if search.engine is not None and comm is search.comm and not fills:
         return search.engine.makespan(placement)
     state = LoadState(search.cm, search.n, comm, search.capacity)
@@ -601,7 +615,7 @@ def heuristic_placements(
     """
     from flashcp_planner.strategies.recreate import ruin_recreate  # (it builds on this module)
 
-    search_comm = CommMode.SHARDING_AWARE if comm is CommMode.ALL_GATHER else comm
+    search_comm = search_comm_of(comm)
     search = PlacementSearch(ctx, search_comm, native=native)
 
     def score(run: _Run) -> float:

@@ -33,10 +33,9 @@ from __future__ import annotations
 import time
 from typing import ClassVar
 
-from flashcp_planner.comm import derive_transfers
-from flashcp_planner.cost import lower_bound_ms, rank_costs
-from flashcp_planner.layout import Layout
-from flashcp_planner.model import CommMode, Optimality, Segment, segments_by_rank
+from flashcp_planner.cost import lower_bound_ms
+from flashcp_planner.layout import Layout, layout_makespan
+from flashcp_planner.model import CommMode, Optimality, Segment
 from flashcp_planner.request import PlanContext
 from flashcp_planner.strategies.flashcp import (
     FILL,
@@ -132,8 +131,12 @@ class OptimumCPSAT:
         n = ctx.cp_size
         hint, fills = heuristic_placements(ctx, comm)
         heuristic_layout = placements_layout(ctx, hint, fills)
-        heuristic_ms = _layout_makespan(heuristic_layout, comm, cm)
-        search = PlacementSearch(ctx, comm)
+        heuristic_ms = layout_makespan(ctx, heuristic_layout, comm)
+        # The model prices the search's mode; under node_dedup (not additive per document) its
+        # optimum is re-scored exactly and proves nothing: status "feasible", the plain lower bound.
+        proves = comm is not CommMode.NODE_DEDUP
+        search_comm = comm if proves else CommMode.EXACT_NEED
+        search = PlacementSearch(ctx, search_comm)
         options = document_options(ctx, fills)
 
         model = cp_model.CpModel()
@@ -151,7 +154,7 @@ class OptimumCPSAT:
                 shares = option_shares(search, d, option, fills, search.comm)
                 for share in shares:
                     tokens[share[0]].append((var, share[1]))
-                for r, (w, o, b, flags) in _rank_terms(search, shares, comm).items():
+                for r, (w, o, b, flags) in _rank_terms(search, shares, search_comm).items():
                     work[r].append((var, _units(w)))
                     overlap[r].append((var, _units(o)))
                     moved[r].append((var, _units(b)))
@@ -191,14 +194,15 @@ class OptimumCPSAT:
                 for d, doc_options in enumerate(options)
             ]
             solver_layout = placements_layout(ctx, chosen_options, fills)
-            solver_ms = _layout_makespan(solver_layout, comm, cm)
+            solver_ms = layout_makespan(ctx, solver_layout, comm)
             if solver_ms < best_ms:
                 best_layout, best_ms = solver_layout, solver_ms
+        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) and proves:
             bound = solver.best_objective_bound / _SCALE
         else:
             bound = lower_bound_ms(ctx.doc_lengths, n, cm)
         optimality = Optimality(
-            status="optimal" if status == cp_model.OPTIMAL else "feasible",
+            status="optimal" if status == cp_model.OPTIMAL and proves else "feasible",
             objective_ms=best_ms,
             bound_ms=min(bound, best_ms),
             heuristic_ms=heuristic_ms,
@@ -206,9 +210,3 @@ class OptimumCPSAT:
             solve_time_s=solve_time,
         )
         return Layout(rank_segments=best_layout.rank_segments, documents=best_layout.documents, optimality=optimality)
-
-
-def _layout_makespan(layout: Layout, comm: CommMode, cost_model) -> float:
-    """Makespan of ``layout`` by the plan evaluator itself (what :func:`flashcp_planner.plan` will report)."""
-    rank_segments = segments_by_rank(layout.rank_segments)
-    return max(c.total_ms for c in rank_costs(rank_segments, derive_transfers(rank_segments, comm), cost_model))

@@ -13,6 +13,7 @@ class CommMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMM_MODE_ALL_GATHER: _ClassVar[CommMode]
     COMM_MODE_SHARDING_AWARE: _ClassVar[CommMode]
     COMM_MODE_EXACT_NEED: _ClassVar[CommMode]
+    COMM_MODE_NODE_DEDUP: _ClassVar[CommMode]
 
 class ShardingKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +26,7 @@ COMM_MODE_UNSPECIFIED: CommMode
 COMM_MODE_ALL_GATHER: CommMode
 COMM_MODE_SHARDING_AWARE: CommMode
 COMM_MODE_EXACT_NEED: CommMode
+COMM_MODE_NODE_DEDUP: CommMode
 SHARDING_KIND_UNSPECIFIED: ShardingKind
 SHARDING_KIND_WHOLE: ShardingKind
 SHARDING_KIND_PER_DOC: ShardingKind
@@ -212,7 +214,7 @@ class Optimality(_message.Message):
     def __init__(self, status: _Optional[str] = ..., objective_ms: _Optional[float] = ..., bound_ms: _Optional[float] = ..., heuristic_ms: _Optional[float] = ..., heuristic_gap: _Optional[float] = ..., solve_time_s: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("version", "strategy", "cp_size", "doc_lengths", "capacity", "comm", "cost_model", "makespan_ms", "lower_bound_ms", "ranks", "documents", "transfers", "transfers_omitted", "optimality")
+    __slots__ = ("version", "strategy", "cp_size", "doc_lengths", "capacity", "comm", "cost_model", "makespan_ms", "lower_bound_ms", "ranks", "documents", "transfers", "transfers_omitted", "optimality", "gpus_per_node")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +229,7 @@ class Plan(_message.Message):
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     OPTIMALITY_FIELD_NUMBER: _ClassVar[int]
+    GPUS_PER_NODE_FIELD_NUMBER: _ClassVar[int]
     version: int
     strategy: str
     cp_size: int
@@ -241,7 +244,8 @@ class Plan(_message.Message):
     transfers: _containers.RepeatedScalarFieldContainer[int]
     transfers_omitted: bool
     optimality: Optimality
-    def __init__(self, version: _Optional[int] = ..., strategy: _Optional[str] = ..., cp_size: _Optional[int] = ..., doc_lengths: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ..., comm: _Optional[_Union[CommMode, str]] = ..., cost_model: _Optional[str] = ..., makespan_ms: _Optional[float] = ..., lower_bound_ms: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[RankPlan, _Mapping]]] = ..., documents: _Optional[_Union[DocShardings, _Mapping]] = ..., transfers: _Optional[_Iterable[int]] = ..., transfers_omitted: _Optional[bool] = ..., optimality: _Optional[_Union[Optimality, _Mapping]] = ...) -> None: ...
+    gpus_per_node: int
+    def __init__(self, version: _Optional[int] = ..., strategy: _Optional[str] = ..., cp_size: _Optional[int] = ..., doc_lengths: _Optional[_Iterable[int]] = ..., capacity: _Optional[int] = ..., comm: _Optional[_Union[CommMode, str]] = ..., cost_model: _Optional[str] = ..., makespan_ms: _Optional[float] = ..., lower_bound_ms: _Optional[float] = ..., ranks: _Optional[_Iterable[_Union[RankPlan, _Mapping]]] = ..., documents: _Optional[_Union[DocShardings, _Mapping]] = ..., transfers: _Optional[_Iterable[int]] = ..., transfers_omitted: _Optional[bool] = ..., optimality: _Optional[_Union[Optimality, _Mapping]] = ..., gpus_per_node: _Optional[int] = ...) -> None: ...
 
 class PlanResponse(_message.Message):
     __slots__ = ("plans", "request_id", "planner_version")
