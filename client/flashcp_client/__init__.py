@@ -8,7 +8,7 @@ moving only the KV the plan says (:mod:`flashcp_client.kv_exchange`).
 Other modules append their exports below (``__all__ += [...]``).
 """
 
-from flashcp_client.agreement import check_plan_matches, verify_plan_agreement
+from flashcp_client.agreement import AgreementTimeout, check_plan_matches, verify_plan_agreement
 from flashcp_client.cp_attention import cp_attention
 from flashcp_client.dispatch import dispatch, undispatch
 from flashcp_client.errors import PlanMismatchError
@@ -16,6 +16,7 @@ from flashcp_client.kv_exchange import CommStats, exchange_kv
 from flashcp_client.layout import RankLayout, packed_order, rank_layout
 
 __all__ = [
+    "AgreementTimeout",
     "CommStats",
     "PlanMismatchError",
     "RankLayout",

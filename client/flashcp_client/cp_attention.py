@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from flashcp_client.agreement import ensure_agreement
 from flashcp_client.dispatch import group_rank_and_size
 from flashcp_client.errors import PlanMismatchError
 from flashcp_client.kv_exchange import (
@@ -42,11 +43,17 @@ def cp_attention(
     softmax_scale: float | None = None,
     backend: str = "auto",
     stats: CommStats | None = None,
+    agreement: str | None = None,
+    layer: int = -1,
 ) -> torch.Tensor:
     """Causal, document-masked attention of this rank's queries under ``plan``.
 
-    Collective over ``group``: every rank calls it with the same plan (check
-    once per micro-batch with :func:`flashcp_client.verify_plan_agreement`).
+    Collective over ``group``: every rank calls it with the same plan. By
+    default the first call with a plan object (and given shapes and dtypes)
+    checks that every rank holds the same plan and matching ``q``, ``k``, ``v``
+    (one fixed-size ``all_gather``, see :mod:`flashcp_client.agreement`): a
+    mismatch raises the same :class:`PlanMismatchError` on every rank before
+    any KV moves.
 
     Args:
         q: ``[local_tokens, heads, head_dim]`` in this rank's dispatch order.
@@ -59,15 +66,22 @@ def cp_attention(
         backend: kernel backend passed to :mod:`flashcp_kernels`
             (``"auto"``, ``"triton"``, ``"torch"``).
         stats: if given, bytes moved by this rank are added to it.
+        agreement: ``"first_use"`` (default, or ``FLASHCP_AGREEMENT``), ``"always"`` or ``"off"``.
+        layer: identifies the call site (layer index) in the agreement record, so
+            that a rank that skipped a layer is named; ``-1``: not given.
 
     Returns:
         ``[local_tokens, heads, head_dim]``, dtype of ``q``.
 
     Raises:
-        PlanMismatchError: the group size, rank or token count does not match
-            the plan (raised before any collective).
+        PlanMismatchError: ranks disagree on the plan, the layer, or the shape
+            or dtype of their inputs, or the inputs do not match the plan (on
+            every rank, before any KV moves; with ``agreement="off"`` only the
+            local checks run, on the rank that fails them).
+        AgreementTimeout: the other ranks did not reach the agreement check.
         ValueError: inconsistent shapes, dtypes or devices.
     """
+    ensure_agreement(plan, group, (q, k, v), mode=agreement, layer=layer)
     rank, _ = group_rank_and_size(plan, group)
     layout = rank_layout(plan, rank)
     _check_inputs(q, k, v, layout)
