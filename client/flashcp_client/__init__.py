@@ -31,10 +31,19 @@ __all__ = [
 ]
 
 # Plan sources (plan_client.py, sources.py, resilience.py, prefetch.py, dataloader.py, env.py).
-from flashcp_client.dataloader import PackedCPDataset, cp_collate, pack_documents, rank_batch  # noqa: E402
+from flashcp_client.dataloader import (  # noqa: E402
+    PackedCPDataset,
+    PackingStats,
+    cp_collate,
+    pack_documents,
+    packed_labels,
+    packed_position_ids,
+    rank_batch,
+)
 from flashcp_client.plan_client import ClientStats, PlannerClient  # noqa: E402
 from flashcp_client.prefetch import Prefetcher  # noqa: E402
 from flashcp_client.resilience import Backoff, BreakerPolicy, BreakerState, CircuitBreaker  # noqa: E402
+from flashcp_client.sharing import broadcast_plans, plan_once, share_plan  # noqa: E402
 from flashcp_client.sources import InvalidServiceResponse, PlanSourceError, ServiceUnavailable  # noqa: E402
 
 __all__ += [
@@ -45,11 +54,17 @@ __all__ += [
     "ClientStats",
     "InvalidServiceResponse",
     "PackedCPDataset",
+    "PackingStats",
     "PlanSourceError",
     "PlannerClient",
     "Prefetcher",
     "ServiceUnavailable",
+    "broadcast_plans",
     "cp_collate",
     "pack_documents",
+    "packed_labels",
+    "packed_position_ids",
+    "plan_once",
     "rank_batch",
+    "share_plan",
 ]

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import flashcp_planner as fp
-from flashcp_client import PackedCPDataset, PlannerClient, cp_collate, pack_documents, rank_batch
+from flashcp_client import PackedCPDataset, PackingStats, PlannerClient, cp_collate, pack_documents, rank_batch
 from flashcp_client.dataloader import packed_labels, packed_position_ids
 from flashcp_client.errors import PlanMismatchError
 
@@ -31,28 +31,40 @@ def make_documents(seed: int = 0, count: int = 40) -> list[list[int]]:
     return docs
 
 
-def reference_packing(docs: list[list[int]], context: int) -> list[list[list[int]]]:
-    out, current, used = [], [], 0
+def reference_packing(docs: list[list[int]], context: int, *, truncate: bool = False) -> list[list[list[int]]]:
+    """Token by token: fill micro-batches; a document cut at a boundary continues (or, truncating, stops)."""
+    out, current, piece = [], [], []
+    used = 0
     for doc in docs:
-        take = doc[: context - used]
-        current.append(take)
-        used += len(take)
-        if used == context:
-            out.append(current)
-            current, used = [], 0
+        for tok in doc:
+            piece.append(tok)
+            used += 1
+            if used == context:
+                current.append(piece)
+                out.append(current)
+                current, piece, used = [], [], 0
+                if truncate:
+                    break
+        if piece:
+            current.append(piece)
+            piece = []
     if current:
         out.append(current)
     return out
 
 
-def reference_rows(micro_batch: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
-    """Packed tokens, next-token labels within each document (-100 at its end), positions."""
+def reference_rows(micro_batch: list[list[int]], all_docs: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Packed tokens, next-token labels of the source document (-100 at its end), positions in it.
+
+    Token ids are ``1000 * document + position``, so the source comes from the id itself.
+    """
     tokens, labels, positions = [], [], []
-    for doc in micro_batch:
-        for p, tok in enumerate(doc):
+    for piece in micro_batch:
+        for tok in piece:
+            doc, pos = divmod(tok, 1000)
             tokens.append(tok)
-            labels.append(doc[p + 1] if p + 1 < len(doc) else -100)
-            positions.append(p)
+            labels.append(tok + 1 if pos + 1 < len(all_docs[doc]) else -100)
+            positions.append(pos)
     return tokens, labels, positions
 
 
@@ -75,8 +87,8 @@ def reassemble(rank_batches: list[dict[str, Any]], key: str, doc_lengths: tuple[
     return out  # type: ignore[return-value]
 
 
-def check_item(item: dict[str, Any], micro_batch: list[list[int]]) -> None:
-    tokens, labels, positions = reference_rows(micro_batch)
+def check_item(item: dict[str, Any], micro_batch: list[list[int]], all_docs: list[list[int]]) -> None:
+    tokens, labels, positions = reference_rows(micro_batch, all_docs)
     plan = item["plan"]
     assert plan.doc_lengths == tuple(len(d) for d in micro_batch)
     assert item["input_ids"].tolist() == tokens
@@ -91,7 +103,8 @@ def check_item(item: dict[str, Any], micro_batch: list[list[int]]) -> None:
         offsets = batch["segment_offsets"].tolist()
         assert offsets[0] == 0 and offsets[-1] == batch["input_ids"].numel()
         for (_doc, start, end), lo, hi in zip(batch["segments"].tolist(), offsets, offsets[1:], strict=False):
-            assert batch["position_ids"][lo:hi].tolist() == list(range(start, end))
+            first = batch["position_ids"][lo].item() - start  # the piece's start in its source document
+            assert batch["position_ids"][lo:hi].tolist() == list(range(first + start, first + end))
             source_docs = {t // 1000 for t in batch["input_ids"][lo:hi].tolist()}
             assert len(source_docs) == 1, "a segment mixes documents"
         # Token ids are 1000 * source document + position in it: positions must agree row by row.
@@ -99,23 +112,30 @@ def check_item(item: dict[str, Any], micro_batch: list[list[int]]) -> None:
         assert batch["input_ids"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == torch.long
 
 
-def test_pack_documents_fills_and_truncates() -> None:
+def test_pack_documents_splits_and_carries_by_default_or_truncates_on_request() -> None:
     docs = [[1] * 5, [2] * 3, [3] * 10, [], [4] * 2]
     packed = list(pack_documents(docs, context_size=8))
-    assert [[len(d) for d in mb] for mb in packed] == [[5, 3], [8], [2]]
-    assert packed[1] == [[3] * 8]
-    assert list(pack_documents([torch.arange(5)], context_size=3)) == [[[0, 1, 2]]]
+    assert [[len(d) for d in mb] for mb in packed] == [[5, 3], [8], [2, 2]]
+    assert packed[1] == [[3] * 8] and packed[2] == [[3] * 2, [4] * 2]
+    truncated = list(pack_documents(docs, context_size=8, overflow="truncate"))
+    assert [[len(d) for d in mb] for mb in truncated] == [[5, 3], [8], [2]]
+    assert list(pack_documents([torch.arange(7)], context_size=3)) == [[[0, 1, 2]], [[3, 4, 5]], [[6]]]
     with pytest.raises(ValueError, match="context_size"):
         list(pack_documents(docs, context_size=0))
+    with pytest.raises(ValueError, match="overflow"):
+        list(pack_documents(docs, context_size=8, overflow="drop"))
 
 
 def test_labels_and_positions_of_a_packed_sequence() -> None:
     micro_batch = [[11, 12, 13], [21], [31, 32]]
-    tokens, labels, positions = reference_rows(micro_batch)
+    tokens = [t for d in micro_batch for t in d]
     lengths = [len(d) for d in micro_batch]
-    assert packed_labels(torch.tensor(tokens), lengths).tolist() == labels == [12, 13, -100, -100, 32, -100]
-    assert packed_position_ids(lengths).tolist() == positions == [0, 1, 2, 0, 0, 1]
+    assert packed_labels(torch.tensor(tokens), lengths).tolist() == [12, 13, -100, -100, 32, -100]
+    assert packed_position_ids(lengths).tolist() == [0, 1, 2, 0, 0, 1]
     assert packed_labels(torch.tensor(tokens), lengths, ignore_index=-1).tolist()[2] == -1
+    # A piece cut before its document's end: its last label is the document's next token, positions continue.
+    assert packed_labels(torch.tensor(tokens), lengths, next_tokens=[None, 22, None]).tolist()[3] == 22
+    assert packed_position_ids(lengths, [0, 7, 0]).tolist() == [0, 1, 2, 7, 0, 1]
 
 
 @pytest.mark.parametrize("strategy", ["flashcp", "per_doc", "zigzag", "contiguous"])
@@ -127,7 +147,7 @@ def test_every_rank_batch_reassembles_the_packed_micro_batch(strategy: str) -> N
     assert len(items) == len(expected)
     for index, (item, micro_batch) in enumerate(zip(items, expected, strict=True)):
         assert item["micro_batch"] == index
-        check_item(item, micro_batch)
+        check_item(item, micro_batch, docs)
         lengths = [[len(d) for d in micro_batch]]
         assert item["plan"] == fp.plan(fp.PlanRequest(micro_batches=lengths, cp_size=CP, strategy=strategy))[0]
 
@@ -153,7 +173,7 @@ def test_dataloader_with_two_workers_keeps_order_and_content() -> None:
     items = list(loader)
     assert [item["micro_batch"] for item in items] == list(range(len(expected)))
     for item, micro_batch in zip(items, expected, strict=True):
-        check_item(item, micro_batch)
+        check_item(item, micro_batch, docs)
     # Two epochs give the same plans.
     assert [i["plan_fingerprint"] for i in loader] == [i["plan_fingerprint"] for i in items]
 
@@ -172,13 +192,15 @@ def test_dataloader_workers_with_a_dead_service_fall_back_per_worker() -> None:
     assert [len(step) for step in steps[:-1]] == [2] * (len(steps) - 1)
     assert [item["micro_batch"] for item in items] == list(range(len(expected)))
     for item, micro_batch in zip(items, expected, strict=True):
-        check_item(item, micro_batch)
+        check_item(item, micro_batch, docs)
     assert client.stats.requests == 0  # the workers used their own copies
 
 
 def test_drop_last_and_collate_for_step_batches() -> None:
     docs = make_documents(seed=4, count=25)
-    expected = [mb for mb in reference_packing(docs, CONTEXT) if sum(map(len, mb)) == CONTEXT]
+    packed = reference_packing(docs, CONTEXT)
+    expected = [mb for mb in packed if sum(map(len, mb)) == CONTEXT]
+    assert len(expected) == len(packed) - 1, "the last micro-batch should be short in this case"
     dataset = PackedCPDataset(docs, context_size=CONTEXT, cp_size=2, rank=1, drop_last=True)
     batches = list(DataLoader(dataset, batch_size=3, collate_fn=cp_collate))
     flat = [item for batch in batches for item in batch]
@@ -186,13 +208,66 @@ def test_drop_last_and_collate_for_step_batches() -> None:
     for item, micro_batch in zip(flat, expected, strict=True):
         assert item["doc_lengths"].tolist() == [len(d) for d in micro_batch]
         assert item["plan"].num_tokens == CONTEXT
+    totals = PackingStats()
+    for item in flat:
+        totals.add(item["packing"])
+    assert totals.tokens_dropped == sum(map(len, packed[-1])) > 0  # counted, not silent
+    assert totals.tokens_in == sum(map(len, docs)) == totals.tokens_packed + totals.tokens_dropped
+
+
+def _epoch_tokens(items: list[dict[str, Any]]) -> tuple[list[int], dict[int, int]]:
+    """Every input token of every rank over an epoch, and the label each one got."""
+    seen, labels = [], {}
+    for item in items:
+        for batch in item["ranks"]:
+            seen += batch["input_ids"].tolist()
+            labels.update(zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True))
+    return seen, labels
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_input_token_appears_exactly_once_over_an_epoch(num_workers: int) -> None:
+    rng = random.Random(7)
+    docs = [[1000 * i + j for j in range(rng.randint(1, 400))] for i in range(50)]  # up to 4x the context
+    all_tokens = sorted(t for d in docs for t in d)
+    dataset = PackedCPDataset(docs, context_size=CONTEXT, cp_size=CP)
+    items = list(DataLoader(dataset, batch_size=None, num_workers=num_workers))
+    seen, labels = _epoch_tokens(items)
+    assert sorted(seen) == all_tokens  # each exactly once: nothing dropped, nothing duplicated
+    for tok, label in labels.items():  # labels follow the source document across splits
+        doc, pos = divmod(tok, 1000)
+        assert label == (tok + 1 if pos + 1 < len(docs[doc]) else -100)
+    totals = PackingStats()
+    for item in items:
+        totals.add(item)
+    assert totals.tokens_dropped == 0 and totals.documents_truncated == 0
+    assert totals.tokens_packed == totals.tokens_in == len(all_tokens)
+    assert totals.documents == len(docs) and totals.micro_batches == len(items)
+    assert totals.pieces_carried > 0
+    if num_workers == 0:
+        assert dataset.stats == totals
+
+
+def test_truncation_is_explicit_and_counted() -> None:
+    docs = make_documents(seed=5, count=40)
+    dataset = PackedCPDataset(docs, context_size=CONTEXT, cp_size=CP, overflow="truncate")
+    items = list(dataset)
+    seen, _ = _epoch_tokens(items)
+    assert len(seen) == len(set(seen))
+    missing = sum(map(len, docs)) - len(seen)
+    assert missing > 0 and dataset.stats.tokens_dropped == missing
+    assert dataset.stats.documents_truncated == sum(
+        1 for d in docs if any(t not in set(seen) for t in d[-1:]))
+    for item, micro_batch in zip(items, reference_packing(docs, CONTEXT, truncate=True), strict=True):
+        assert item["input_ids"].tolist() == [t for piece in micro_batch for t in piece]
 
 
 def test_bad_arguments_are_named() -> None:
     docs = make_documents()
     for kwargs, field in [({"context_size": 0}, "context_size"), ({"cp_size": 0}, "cp_size"),
                           ({"rank": CP}, "rank"), ({"micro_batches_per_step": 0}, "micro_batches_per_step"),
-                          ({"planner": 3}, "planner")]:
+                          ({"planner": 3}, "planner"), ({"overflow": "drop"}, "overflow"),
+                          ({"plan_on_rank": 0}, "plan_on_rank"), ({"rank": 0, "plan_on_rank": CP}, "plan_on_rank")]:
         args = {"context_size": CONTEXT, "cp_size": CP, **kwargs}
         with pytest.raises(ValueError, match=field):
             PackedCPDataset(docs, **args)
