@@ -13,6 +13,7 @@ import os
 __all__ = [
     "planner_address",
     "planner_cost_model",
+    "planner_deadline_s",
     "planner_fallback",
     "planner_retries",
     "planner_strategy",
@@ -37,18 +38,27 @@ def planner_address() -> str | None:
     return _get("FLASHCP_PLANNER_ADDRESS")
 
 
-def planner_timeout_s() -> float:
-    """``FLASHCP_PLANNER_TIMEOUT_S``: limit of one remote attempt in seconds (default 5)."""
-    raw = _get("FLASHCP_PLANNER_TIMEOUT_S")
+def _seconds(name: str, default: float) -> float:
+    raw = _get(name)
     if raw is None:
-        return 5.0
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"FLASHCP_PLANNER_TIMEOUT_S: must be a positive number of seconds, got {raw!r}")
+        raise ValueError(f"{name}: must be a positive number of seconds, got {raw!r}")
     return value
+
+
+def planner_timeout_s() -> float:
+    """``FLASHCP_PLANNER_TIMEOUT_S``: limit of one remote attempt in seconds (default 0.5)."""
+    return _seconds("FLASHCP_PLANNER_TIMEOUT_S", 0.5)
+
+
+def planner_deadline_s() -> float:
+    """``FLASHCP_PLANNER_DEADLINE_S``: limit of one plan call's remote attempts, retries included (default 1)."""
+    return _seconds("FLASHCP_PLANNER_DEADLINE_S", 1.0)
 
 
 def planner_retries() -> int:

@@ -105,9 +105,13 @@ class PlannerClient:
         cost_model: default cost model: a :class:`CostModel`, preset name, JSON file path or dict.
         capacity_slack: default per-rank capacity slack.
         options: default :class:`~flashcp_planner.PlanOptions`.
-        timeout_s: limit of one remote attempt (connect + answer), seconds; exact strategies get their
+        timeout_s: limit of one remote attempt (connect + answer), seconds. The default, 0.5 s, is
+            sized for heuristic planning (milliseconds on the service); exact strategies get their
             solver time limit on top (see :meth:`attempt_timeout_s`).
-        retries: extra remote attempts after a transient failure.
+        deadline_s: limit of one :meth:`plan` call's remote attempts, backoff included (default 1 s,
+            plus the solver time limit for exact strategies): a service that accepts and never
+            answers costs a call at most this before the in-process fallback.
+        retries: extra remote attempts after a transient failure, within ``deadline_s``.
         backoff: delays between attempts.
         fallback: plan in-process when the service is unavailable; if False, raise
             :class:`~flashcp_client.sources.ServiceUnavailable` instead.
@@ -132,7 +136,8 @@ class PlannerClient:
         cost_model: CostModelSpec = "h100-llama8b",
         capacity_slack: float = 0.25,
         options: PlanOptions | None = None,
-        timeout_s: float = 5.0,
+        timeout_s: float = 0.5,
+        deadline_s: float = 1.0,
         retries: int = 2,
         backoff: Backoff | None = None,
         fallback: bool = True,
@@ -145,12 +150,14 @@ class PlannerClient:
     ) -> None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ValueError(f"timeout_s: must be a positive number of seconds, got {timeout_s!r}")
+        if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s > 0:
+            raise ValueError(f"deadline_s: must be a positive number of seconds, got {deadline_s!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries: must be a non-negative integer, got {retries!r}")
         self._init_args = dict(
             address=address, strategy=strategy, cost_model=cost_model, capacity_slack=capacity_slack,
-            options=options, timeout_s=timeout_s, retries=retries, backoff=backoff, fallback=fallback,
-            fallback_on_bad_response=fallback_on_bad_response, breaker=breaker, seed=seed,
+            options=options, timeout_s=timeout_s, deadline_s=deadline_s, retries=retries, backoff=backoff,
+            fallback=fallback, fallback_on_bad_response=fallback_on_bad_response, breaker=breaker, seed=seed,
         )
         self.address = address
         self.strategy = strategy
@@ -158,6 +165,7 @@ class PlannerClient:
         self.capacity_slack = capacity_slack
         self.options = options if options is not None else PlanOptions()
         self.timeout_s = float(timeout_s)
+        self.deadline_s = float(deadline_s)
         self.retries = retries
         self.backoff = backoff if backoff is not None else Backoff()
         self.fallback = bool(fallback)
@@ -167,6 +175,7 @@ class PlannerClient:
         self._remote: PlanSource | None = None if isinstance(remote, EmbeddedSource) else remote
         self._rng = random.Random(seed)
         self._sleep = sleep
+        self._clock = clock
         self._breaker = CircuitBreaker(breaker, clock=clock, on_transition=self._log_breaker)
         self._lock = threading.Lock()
         self._counts = dict(requests=0, remote_ok=0, embedded=0, fallbacks=0, errors=0, retries=0, rejected=0)
@@ -187,6 +196,7 @@ class PlannerClient:
         kwargs: dict[str, Any] = dict(
             address=env.planner_address(),
             timeout_s=env.planner_timeout_s(),
+            deadline_s=env.planner_deadline_s(),
             retries=env.planner_retries(),
             fallback=env.planner_fallback(),
             strategy=env.planner_strategy(),
@@ -294,15 +304,23 @@ class PlannerClient:
                 raise skipped
             return self._fall_back(request, skipped, count_error=False)
         timeout_s = self.attempt_timeout_s(request)
+        deadline = self._clock() + self.deadline_s + (timeout_s - self.timeout_s)
+        remote = self._remote
+
+        def attempt() -> tuple[Plan, ...]:
+            return remote.fetch(request, timeout_s=max(0.001, min(timeout_s, deadline - self._clock())))
+
         try:
             plans = call_with_retries(
-                lambda: self._remote.fetch(request, timeout_s=timeout_s),
+                attempt,
                 retries=self.retries,
                 backoff=self.backoff,
                 rng=self._rng,
                 retry_on=(ServiceUnavailable,),
                 sleep=self._sleep,
                 on_retry=self._note_retry,
+                deadline=deadline,
+                clock=self._clock,
             )
         except (ServiceUnavailable, InvalidServiceResponse) as exc:
             self._breaker.record_failure()

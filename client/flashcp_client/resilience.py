@@ -85,8 +85,13 @@ def call_with_retries(
     retry_on: tuple[type[BaseException], ...],
     sleep: Callable[[float], None] = time.sleep,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Call ``fn``; on an exception in ``retry_on``, wait and call again, up to ``retries`` more times.
+
+    With ``deadline`` (a ``clock()`` value), no retry starts whose backoff would end past it:
+    the last error is raised instead.
 
     Args:
         fn: the call to make.
@@ -113,6 +118,8 @@ def call_with_retries(
             if attempt == retries:
                 raise
             delay = next(delays)
+            if deadline is not None and clock() + delay >= deadline:
+                raise
             if on_retry is not None:
                 on_retry(attempt, exc, delay)
             sleep(delay)

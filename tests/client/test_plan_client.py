@@ -485,7 +485,7 @@ def test_from_env_reads_flashcp_variables(monkeypatch: pytest.MonkeyPatch, serve
         monkeypatch.delenv(name)
     default = PlannerClient.from_env()
     assert (default.source_name, default.timeout_s, default.retries, default.fallback, default.strategy) == (
-        "embedded", 5.0, 2, True, "flashcp")
+        "embedded", 0.5, 2, True, "flashcp")
 
 
 # ---------------------------------------------------------------- gRPC source, scripted server

@@ -171,3 +171,22 @@ def test_breaker_threshold_one_opens_on_first_failure() -> None:
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.allow()
     assert not breaker.allow()
+
+
+def test_no_retry_starts_past_the_deadline() -> None:
+    now = [0.0]
+    calls = []
+
+    def failing() -> None:
+        calls.append(now[0])
+        now[0] += 0.4  # each attempt times out after 0.4 s
+        raise TimeoutError(f"attempt {len(calls)}")
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(TimeoutError, match="attempt 2"):
+        call_with_retries(failing, retries=5, backoff=Backoff(base_s=0.1, jitter=0.0), rng=random.Random(0),
+                          retry_on=(TimeoutError,), sleep=sleep, deadline=1.0, clock=lambda: now[0])
+    # attempt 1 at 0.0, retry after 0.1 s at 0.5; the next would start at 0.9 + 0.2 = 1.1 > 1.0
+    assert calls == pytest.approx([0.0, 0.5])

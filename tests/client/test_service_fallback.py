@@ -318,3 +318,17 @@ def test_silent_service_times_out_then_falls_back(silent: SilentServer, transpor
     strict = PlannerClient(address, timeout_s=0.3, retries=0, fallback=False)
     with pytest.raises(ServiceUnavailable, match="no answer within 0.3 s"):
         strict.plan(BATCHES, cp_size=CP)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_hung_service_costs_a_call_at_most_the_default_deadline(silent: SilentServer, transport: str) -> None:
+    client = PlannerClient(f"{transport}://127.0.0.1:{silent.port}")  # default timeouts, retries and deadline
+    assert client.timeout_s < 1.0 and client.deadline_s <= 1.0
+    started = time.monotonic()
+    assert client.plan(BATCHES, cp_size=CP) == embedded(BATCHES)
+    elapsed = time.monotonic() - started
+    stats = client.stats
+    assert (stats.fallbacks, stats.errors, stats.remote_ok) == (1, 1, 0)
+    assert "no answer within" in stats.last_error
+    # The deadline bounds attempts plus backoff; the slack covers the in-process plan and a loaded machine.
+    assert elapsed < client.deadline_s + 2.0, f"a hung service stalled the call {elapsed:.2f} s"
