@@ -26,6 +26,16 @@ the latency is paid iff bytes move, as in :func:`flashcp_planner.cost.rank_costs
 The solver is warm-started (``add_hint``) from the heuristic; its plan is
 re-scored with the float evaluator and the heuristic's layout is returned
 instead if it is better, so the result is never worse than the hint.
+
+Deterministic: a fixed request gives the same plan on every call and machine
+load (every rank of a CP group may plan on its own). The search is limited by
+CP-SAT's *deterministic* time (``max_deterministic_time = options.time_limit_s``,
+work units of roughly a second each, not wall-clock), and with
+``options.num_workers > 1`` runs CP-SAT's deterministic parallel mode
+(``interleave_search``), whose result does not depend on thread timing.
+Wall-clock time is a backstop only (``WALL_BACKSTOP`` x the limit): a solve
+that reaches it may differ between calls. On a loaded 2-core machine a limit of
+1 s took 2-6 s of wall time.
 """
 
 from __future__ import annotations
@@ -51,6 +61,10 @@ __all__ = ["OptimumCPSAT", "document_options", "option_shares"]
 
 _SCALE = 1e6
 """Integer units per millisecond in the CP-SAT model (1 unit = 1 ns of predicted time)."""
+
+
+WALL_BACKSTOP = 10.0
+"""Wall-clock limit of a solve, as a multiple of ``options.time_limit_s`` (deterministic time is the real limit)."""
 
 
 def _units(ms: float) -> int:
@@ -181,8 +195,10 @@ class OptimumCPSAT:
                 model.add_hint(var, i == chosen)
 
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = float(ctx.options.time_limit_s)
+        solver.parameters.max_deterministic_time = float(ctx.options.time_limit_s)
+        solver.parameters.max_time_in_seconds = float(ctx.options.time_limit_s) * WALL_BACKSTOP
         solver.parameters.num_workers = ctx.options.num_workers
+        solver.parameters.interleave_search = ctx.options.num_workers > 1
         solver.parameters.random_seed = ctx.options.random_seed
         status = solver.solve(model)
         solve_time = time.perf_counter() - started
