@@ -82,11 +82,17 @@ def cp_attention(
         ValueError: inconsistent shapes, dtypes or devices.
     """
     ensure_agreement(plan, group, (q, k, v), mode=agreement, layer=layer)
+    layout = checked_layout(q, k, v, plan, group)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _CPAttention.apply(q, k, v, layout, group, softmax_scale, backend, stats)
+
+
+def checked_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, group: Any) -> RankLayout:
+    """This rank's layout of ``plan``, after the local checks of ``q``, ``k``, ``v`` against it."""
     rank, _ = group_rank_and_size(plan, group)
     layout = rank_layout(plan, rank)
     _check_inputs(q, k, v, layout)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _CPAttention.apply(q, k, v, layout, group, softmax_scale, backend, stats)
+    return layout
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RankLayout) -> None:
@@ -138,6 +144,94 @@ def _parts(layout: RankLayout, device: torch.device) -> tuple[_Part, _Part]:
     )
 
 
+class Saved:
+    """What the backward of one ``cp_attention`` call needs from its forward."""
+
+    __slots__ = ("tensors", "layout", "group", "kwargs", "stats")
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], layout: RankLayout, group: Any, kwargs: dict[str, Any],
+                 stats: CommStats | None) -> None:
+        self.tensors = tensors
+        self.layout = layout
+        self.group = group
+        self.kwargs = kwargs
+        self.stats = stats
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: RankLayout,
+    group: Any,
+    softmax_scale: float | None,
+    backend: str,
+    stats: CommStats | None,
+) -> tuple[torch.Tensor, Saved]:
+    """Forward of one layer on checked, contiguous inputs: ``(out, saved)`` (no autograd)."""
+    from flashcp_kernels import segment_attention_forward
+
+    local, remote = _parts(layout, q.device)
+    kwargs = {"softmax_scale": softmax_scale, "backend": backend}
+    pending = start_kv_exchange(k, v, layout, group)
+
+    out = torch.zeros_like(q)
+    out_local = lse_local = out_remote = lse_remote = None
+    if not local.empty:
+        out_local, lse_local = segment_attention_forward(local.take(q), k, v, local.meta, **kwargs)
+        local.put(out, out_local)
+    received = pending.wait()
+    if not remote.empty:
+        k_ws, v_ws = build_workspace(k, v, received, layout)
+        out_remote, lse_remote = segment_attention_forward(remote.take(q), k_ws, v_ws, remote.meta, **kwargs)
+        remote.put(out, out_remote)
+
+    if stats is not None:
+        stats.forward_send_bytes += pending.sent_bytes
+        stats.forward_recv_bytes += pending.received_bytes
+        stats.exchanges += int(layout.group_has_transfers)
+    kept = tuple(t if t is not None else q.new_empty(0) for t in (out_local, lse_local, out_remote, lse_remote))
+    return out, Saved((q, k, v, received, *kept), layout, group, kwargs, stats)
+
+
+def attention_backward(saved: Saved, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of one layer from its forward's :class:`Saved` (collective, like the forward)."""
+    from flashcp_kernels import segment_attention_backward
+
+    q, k, v, received, out_local, lse_local, out_remote, lse_remote = saved.tensors
+    layout = saved.layout
+    local, remote = _parts(layout, q.device)
+    dout = dout.contiguous()
+    kv_heads = k.shape[1]
+
+    dq = torch.zeros_like(q)
+    if not remote.empty:
+        k_ws, v_ws = build_workspace(k, v, received, layout)
+        dq_r, dk_ws, dv_ws = segment_attention_backward(
+            remote.take(dout), remote.take(q), k_ws, v_ws, out_remote, lse_remote, remote.meta, **saved.kwargs
+        )
+        remote.put(dq, dq_r)
+    else:
+        dk_ws = dv_ws = k.new_zeros((0, *k.shape[1:]))
+    d_local, pending = start_grad_return(dk_ws, dv_ws, layout, saved.group)
+
+    if not local.empty:
+        dq_l, dk_l, dv_l = segment_attention_backward(
+            local.take(dout), local.take(q), k, v, out_local, lse_local, local.meta, **saved.kwargs
+        )
+        local.put(dq, dq_l)
+        d_local[:, :kv_heads] += dk_l
+        d_local[:, kv_heads:] += dv_l
+    returned = pending.wait()
+    add_returned_grads(d_local, returned, layout)
+
+    if saved.stats is not None:
+        saved.stats.backward_send_bytes += pending.sent_bytes
+        saved.stats.backward_recv_bytes += pending.received_bytes
+        saved.stats.exchanges += int(layout.group_has_transfers)
+    return dq, d_local[:, :kv_heads].contiguous(), d_local[:, kv_heads:].contiguous()
+
+
 class _CPAttention(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -151,67 +245,15 @@ class _CPAttention(torch.autograd.Function):
         backend: str,
         stats: CommStats | None,
     ) -> torch.Tensor:
-        from flashcp_kernels import segment_attention_forward
-
-        local, remote = _parts(layout, q.device)
-        kwargs = {"softmax_scale": softmax_scale, "backend": backend}
-        pending = start_kv_exchange(k, v, layout, group)
-
-        out = torch.zeros_like(q)
-        out_local = lse_local = out_remote = lse_remote = None
-        if not local.empty:
-            out_local, lse_local = segment_attention_forward(local.take(q), k, v, local.meta, **kwargs)
-            local.put(out, out_local)
-        received = pending.wait()
-        if not remote.empty:
-            k_ws, v_ws = build_workspace(k, v, received, layout)
-            out_remote, lse_remote = segment_attention_forward(remote.take(q), k_ws, v_ws, remote.meta, **kwargs)
-            remote.put(out, out_remote)
-
-        if stats is not None:
-            stats.forward_send_bytes += pending.sent_bytes
-            stats.forward_recv_bytes += pending.received_bytes
-            stats.exchanges += int(layout.group_has_transfers)
-        saved = [t if t is not None else q.new_empty(0) for t in (out_local, lse_local, out_remote, lse_remote)]
-        ctx.save_for_backward(q, k, v, received, *saved)
-        ctx.layout, ctx.group, ctx.kwargs, ctx.stats = layout, group, kwargs, stats
+        out, saved = attention_forward(q, k, v, layout, group, softmax_scale, backend, stats)
+        ctx.save_for_backward(*saved.tensors)
+        ctx.saved = saved
+        saved.tensors = ()  # autograd holds the tensors (and checks they were not modified in place)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        from flashcp_kernels import segment_attention_backward
-
-        q, k, v, received, out_local, lse_local, out_remote, lse_remote = ctx.saved_tensors
-        layout: RankLayout = ctx.layout
-        local, remote = _parts(layout, q.device)
-        dout = dout.contiguous()
-        kv_heads = k.shape[1]
-
-        dq = torch.zeros_like(q)
-        if not remote.empty:
-            k_ws, v_ws = build_workspace(k, v, received, layout)
-            dq_r, dk_ws, dv_ws = segment_attention_backward(
-                remote.take(dout), remote.take(q), k_ws, v_ws, out_remote, lse_remote, remote.meta, **ctx.kwargs
-            )
-            remote.put(dq, dq_r)
-        else:
-            dk_ws = dv_ws = k.new_zeros((0, *k.shape[1:]))
-        d_local, pending = start_grad_return(dk_ws, dv_ws, layout, ctx.group)
-
-        if not local.empty:
-            dq_l, dk_l, dv_l = segment_attention_backward(
-                local.take(dout), local.take(q), k, v, out_local, lse_local, local.meta, **ctx.kwargs
-            )
-            local.put(dq, dq_l)
-            d_local[:, :kv_heads] += dk_l
-            d_local[:, kv_heads:] += dv_l
-        returned = pending.wait()
-        add_returned_grads(d_local, returned, layout)
-
-        if ctx.stats is not None:
-            ctx.stats.backward_send_bytes += pending.sent_bytes
-            ctx.stats.backward_recv_bytes += pending.received_bytes
-            ctx.stats.exchanges += int(layout.group_has_transfers)
-        dk = d_local[:, :kv_heads].contiguous()
-        dv = d_local[:, kv_heads:].contiguous()
+        saved = ctx.saved
+        saved.tensors = ctx.saved_tensors
+        dq, dk, dv = attention_backward(saved, dout)
         return dq, dk, dv, None, None, None, None, None
