@@ -68,3 +68,25 @@ __all__ += [
     "rank_batch",
     "share_plan",
 ]
+
+# Model-level API (context.py, training.py).
+from flashcp_client.context import CPContext, NoContextError, context_attention, cp_context  # noqa: E402
+from flashcp_client.training import (  # noqa: E402
+    FlashCPAttention,
+    all_reduce_gradients,
+    cp_loss,
+    cp_sdpa,
+    global_mean,
+)
+
+__all__ += [
+    "CPContext",
+    "FlashCPAttention",
+    "NoContextError",
+    "all_reduce_gradients",
+    "context_attention",
+    "cp_context",
+    "cp_loss",
+    "cp_sdpa",
+    "global_mean",
+]
