@@ -26,7 +26,6 @@ instead of waiting for the process-group timeout (30 min gloo, 10 min NCCL).
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import timedelta
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flashcp_client import env
 from flashcp_client.errors import PlanMismatchError
 from flashcp_planner import Plan
 from flashcp_planner.model import PLAN_FORMAT_VERSION
@@ -71,7 +71,7 @@ def agreement_mode(mode: str | None = None) -> str:
     Raises:
         ValueError: not one of :data:`AGREEMENT_MODES`.
     """
-    value = mode if mode is not None else (os.environ.get("FLASHCP_AGREEMENT", "").strip() or "first_use")
+    value = mode if mode is not None else env.agreement()
     if value not in AGREEMENT_MODES:
         source = "agreement" if mode is not None else "FLASHCP_AGREEMENT"
         raise ValueError(f"{source}: expected one of {list(AGREEMENT_MODES)}, got {value!r}")
@@ -80,16 +80,7 @@ def agreement_mode(mode: str | None = None) -> str:
 
 def agreement_timeout_s() -> float:
     """``FLASHCP_AGREEMENT_TIMEOUT_S``: how long a rank waits for the others at the check (default 300)."""
-    raw = os.environ.get("FLASHCP_AGREEMENT_TIMEOUT_S", "").strip()
-    if not raw:
-        return 300.0
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"FLASHCP_AGREEMENT_TIMEOUT_S: must be a positive number of seconds, got {raw!r}")
-    return value
+    return env.agreement_timeout_s()
 
 
 def check_plan_matches(

@@ -11,6 +11,8 @@ import math
 import os
 
 __all__ = [
+    "agreement",
+    "agreement_timeout_s",
     "planner_address",
     "planner_cost_model",
     "planner_deadline_s",
@@ -98,3 +100,16 @@ def planner_strategy() -> str:
 def planner_cost_model() -> str:
     """``FLASHCP_PLANNER_COST_MODEL``: preset name or JSON cost-model file (default ``h100-llama8b``)."""
     return _get("FLASHCP_PLANNER_COST_MODEL") or "h100-llama8b"
+
+
+def agreement() -> str:
+    """``FLASHCP_AGREEMENT``: when ``cp_attention`` checks plan agreement (default ``first_use``).
+
+    ``first_use``, ``always`` or ``off``; checked by :func:`flashcp_client.agreement.agreement_mode`.
+    """
+    return _get("FLASHCP_AGREEMENT") or "first_use"
+
+
+def agreement_timeout_s() -> float:
+    """``FLASHCP_AGREEMENT_TIMEOUT_S``: how long a rank waits for the others at the agreement check (default 300)."""
+    return _seconds("FLASHCP_AGREEMENT_TIMEOUT_S", 300.0)
