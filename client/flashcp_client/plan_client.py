@@ -346,11 +346,14 @@ class PlannerClient:
         return plans
 
     def attempt_timeout_s(self, request: PlanRequest) -> float:
-        """Limit of one remote attempt for ``request``: ``timeout_s``, plus the solver time limit for exact
-        strategies (``optimum`` searches for up to ``options.time_limit_s`` on the server)."""
+        """Limit of one remote attempt for ``request``: ``timeout_s``, plus the solver's wall-clock limit for
+        exact strategies (``optimum`` stops on deterministic time; see
+        :func:`flashcp_planner.strategies.optimum.wall_limit_s`)."""
+        from flashcp_planner.strategies.optimum import wall_limit_s
+
         impl = STRATEGIES.get(request.strategy)
         if impl is not None and impl.is_optimal:
-            return self.timeout_s + request.options.time_limit_s
+            return self.timeout_s + wall_limit_s(request.options.time_limit_s)
         return self.timeout_s
 
     def prefetch(

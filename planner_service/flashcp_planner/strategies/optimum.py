@@ -27,15 +27,16 @@ The solver is warm-started (``add_hint``) from the heuristic; its plan is
 re-scored with the float evaluator and the heuristic's layout is returned
 instead if it is better, so the result is never worse than the hint.
 
-Deterministic: a fixed request gives the same plan on every call and machine
-load (every rank of a CP group may plan on its own). The search is limited by
-CP-SAT's *deterministic* time (``max_deterministic_time = options.time_limit_s``,
-work units of roughly a second each, not wall-clock), and with
-``options.num_workers > 1`` runs CP-SAT's deterministic parallel mode
-(``interleave_search``), whose result does not depend on thread timing.
-Wall-clock time is a backstop only (``WALL_BACKSTOP`` x the limit): a solve
-that reaches it may differ between calls. On a loaded 2-core machine a limit of
-1 s took 2-6 s of wall time.
+Deterministic: the search stops on CP-SAT's *deterministic* time
+(``max_deterministic_time``, work units of roughly a second on an idle core),
+half of ``options.time_limit_s``, and with ``options.num_workers > 1`` runs
+CP-SAT's deterministic parallel mode (``interleave_search``): where it stops
+does not depend on thread timing or machine load, so a fixed request gets the
+same plan on every call and every rank. Wall-clock time is a backstop only
+(:func:`wall_limit_s`); a solve that reaches it (a machine doing less than half
+a work unit per second) may differ between calls. On a 2-core machine at load
+~7, ``num_workers=1`` stayed deterministic; 8 interleaved workers on 2 cores
+reached the backstop.
 """
 
 from __future__ import annotations
@@ -57,14 +58,22 @@ from flashcp_planner.strategies.flashcp import (
 )
 from flashcp_planner.strategies.shares import Share, pieces_shares
 
-__all__ = ["OptimumCPSAT", "document_options", "option_shares"]
+__all__ = ["OptimumCPSAT", "document_options", "option_shares", "wall_limit_s"]
 
 _SCALE = 1e6
 """Integer units per millisecond in the CP-SAT model (1 unit = 1 ns of predicted time)."""
 
 
-WALL_BACKSTOP = 10.0
-"""Wall-clock limit of a solve, as a multiple of ``options.time_limit_s`` (deterministic time is the real limit)."""
+DETERMINISTIC_SHARE = 0.5
+"""Deterministic time limit of a solve, as a share of ``options.time_limit_s``."""
+
+
+def wall_limit_s(time_limit_s: float) -> float:
+    """Wall-clock backstop of a solve with ``options.time_limit_s``: twice the limit, at most 10 s more.
+
+    Stays under the service's wait for an exact search (the limit plus 15 s).
+    """
+    return time_limit_s + min(time_limit_s, 10.0)
 
 
 def _units(ms: float) -> int:
@@ -195,8 +204,8 @@ class OptimumCPSAT:
                 model.add_hint(var, i == chosen)
 
         solver = cp_model.CpSolver()
-        solver.parameters.max_deterministic_time = float(ctx.options.time_limit_s)
-        solver.parameters.max_time_in_seconds = float(ctx.options.time_limit_s) * WALL_BACKSTOP
+        solver.parameters.max_deterministic_time = float(ctx.options.time_limit_s) * DETERMINISTIC_SHARE
+        solver.parameters.max_time_in_seconds = wall_limit_s(float(ctx.options.time_limit_s))
         solver.parameters.num_workers = ctx.options.num_workers
         solver.parameters.interleave_search = ctx.options.num_workers > 1
         solver.parameters.random_seed = ctx.options.random_seed
