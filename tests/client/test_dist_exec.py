@@ -12,15 +12,11 @@ fails the tests.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
+from dist_harness import assert_group_ok, run_group
 
 N_HEADS, N_KV_HEADS, HEAD_DIM = 4, 2, 8
 ATOL, RTOL = 2e-5, 1e-4
@@ -295,59 +291,6 @@ def _triton_interpreter_case(rank, n, record):
     record("triton_interpret/attention", all(e <= TRITON_ATOL for e in errors), errors)
 
 
-def _worker(rank, n, port, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    results = {}
-
-    def record(name, ok, detail):
-        results[name] = {"ok": bool(ok), "detail": detail}
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n,
-                                timeout=timedelta(seconds=JOIN_TIMEOUT_S))
-        _checks(rank, n, record)
-    except BaseException:  # report everything to the parent, which owns the assertions
-        results["fatal"] = {"ok": False, "detail": traceback.format_exc()}
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------- parent
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_group(n, out_dir):
-    import multiprocessing as mp
-
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch"])
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, n, port, str(out_dir)), daemon=True) for r in range(n)]
-    for proc in procs:
-        proc.start()
-    hung = []
-    for rank, proc in enumerate(procs):
-        proc.join(JOIN_TIMEOUT_S)
-        if proc.is_alive():
-            hung.append(rank)
-            proc.kill()
-            proc.join(5)
-    results = {}
-    for r in range(n):
-        path = Path(out_dir, f"rank{r}.json")
-        results[r] = json.loads(path.read_text()) if path.exists() else {}
-    return hung, results
-
-
 _CACHE: dict[int, tuple[list[int], dict]] = {}
 
 
@@ -355,12 +298,9 @@ _CACHE: dict[int, tuple[list[int], dict]] = {}
 def group_results(request, tmp_path_factory):
     n = request.param
     if n not in _CACHE:
-        _CACHE[n] = run_group(n, tmp_path_factory.mktemp(f"dist{n}"))
+        _CACHE[n] = run_group(_checks, n, tmp_path_factory.mktemp(f"dist{n}"), join_timeout_s=JOIN_TIMEOUT_S)
     hung, results = _CACHE[n]
-    assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S}s (hung collective?)"
-    for rank, res in results.items():
-        assert res, f"rank {rank} wrote no results"
-        assert "fatal" not in res, f"rank {rank} crashed:\n{res['fatal']['detail']}"
+    assert_group_ok(hung, results, JOIN_TIMEOUT_S)
     return n, results
 
 
